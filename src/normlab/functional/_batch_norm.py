@@ -1,0 +1,244 @@
+"""``batch_norm``: torch's functional batch norm, with a closed-form backward and robust running stats."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._backend import BatchNormKernel, resolve_kernel
+from ._reference import reference_train_output
+
+__all__ = [
+    "NonFinite",
+    "batch_norm",
+    "batch_norm_train",
+    "check_batch_size",
+    "update_running_stats_",
+]
+
+NonFinite = Literal["skip", "raise", "propagate"]
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode batch norm: statistics from the batch, closed-form backward.
+
+    Outputs ``(y, mean, var, invstd)``; only ``y`` is differentiable. Written in the
+    ``setup_context`` style with ``generate_vmap_rule`` so that ``torch.func.vmap``
+    and ``torch.func.grad`` work (they run the pure-op reference kernel).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        eps: float,
+        kernel: BatchNormKernel,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return kernel.forward_train(x, weight, bias, eps, mask)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, bias, mask, eps, kernel = inputs
+        _, mean, var, invstd = output
+        ctx.save_for_backward(x, weight, bias, mask, mean, invstd)
+        ctx.mark_non_differentiable(mean, var, invstd)
+        ctx.eps = eps
+        ctx.kernel = kernel
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mask, mean, invstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled() and any(needs):
+            # create_graph=True: differentiate the reference forward so that the
+            # gradient is itself differentiable (double backward, Hessian-vector products).
+            grads = _differentiable_backward(dy, x, weight, bias, mask, ctx.eps, needs)
+            return (*grads, None, None, None)
+        dx, dw, db = ctx.kernel.backward_train(dy, x, weight, mean, invstd, needs, mask)
+        return dx, dw, db, None, None, None
+
+
+def _differentiable_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    eps: float,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    inputs = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
+    with torch.enable_grad():
+        y = reference_train_output(x, weight, bias, eps, mask)
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(  # type: ignore[return-value]
+        next(grads) if need and t is not None else None
+        for t, need in zip((x, weight, bias), needs)
+    )
+
+
+def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: int = 1) -> int:
+    """Values per channel in a training batch; raises torch's error when it is exactly 1.
+
+    With a mask, the count is the number of valid positions, and 0 raises too
+    (there would be nothing to normalize with).
+    """
+    if mask is None:
+        n = input.numel() // input.shape[channel_axis] if input.shape[channel_axis] else 0
+        if n == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+        return n
+    n = int(mask.sum())
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {n} valid (unmasked) "
+            f"value(s) per channel for input size {input.size()}"
+        )
+    return n
+
+
+def batch_norm_train(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``input`` ``(N, C, *)`` with its own batch statistics.
+
+    Returns ``(y, mean, var)`` — ``var`` biased, both in the accumulation dtype and
+    without gradient. The building block every training-mode variant reuses.
+    """
+    kernel = resolve_kernel(backend, input, mask)
+    y, mean, var, _ = _BatchNormTrain.apply(input, weight, bias, mask, eps, kernel)
+    return y, mean, var
+
+
+def _finite(*stats: Tensor) -> Tensor:
+    ok = torch.ones((), dtype=torch.bool, device=stats[0].device)
+    for s in stats:
+        ok = ok & torch.isfinite(s).all()
+    return ok
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var_unbiased: Tensor,
+    factor: float,
+    *,
+    nonfinite: NonFinite = "propagate",
+    owner: str = "batch_norm",
+) -> bool | None:
+    r"""``running = (1 - factor) * running + factor * batch`` for mean and (unbiased) variance.
+
+    ``nonfinite`` decides what a batch with a NaN/Inf statistic in any channel does:
+    ``"propagate"`` updates anyway (torch's behaviour), ``"skip"`` leaves every
+    channel unchanged, ``"raise"`` raises ``FloatingPointError`` naming ``owner``.
+
+    Returns whether the update happened; ``None`` when that is only known on the
+    device (``"skip"`` on an accelerator or while compiling: the choice is made by
+    ``torch.where``, without a host synchronisation).
+    """
+    new_mean = mean.to(running_mean.dtype)
+    new_var = var_unbiased.to(running_var.dtype)
+    if nonfinite == "propagate":
+        running_mean.lerp_(new_mean, factor)
+        running_var.lerp_(new_var, factor)
+        return True
+    ok = _finite(new_mean, new_var)
+    if nonfinite == "raise":
+        if not bool(ok):
+            raise FloatingPointError(
+                f"{owner}: non-finite batch statistics (NaN/Inf) in training; "
+                "the running statistics were left unchanged"
+            )
+    elif nonfinite == "skip":
+        if running_mean.device.type != "cpu" or torch.compiler.is_compiling():
+            running_mean.copy_(torch.where(ok, running_mean.lerp(new_mean, factor), running_mean))
+            running_var.copy_(torch.where(ok, running_var.lerp(new_var, factor), running_var))
+            return None
+        if not bool(ok):
+            return False
+    else:
+        raise ValueError(f"nonfinite must be 'skip', 'raise' or 'propagate', got {nonfinite!r}")
+    running_mean.lerp_(new_mean, factor)
+    running_var.lerp_(new_var, factor)
+    return True
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    nonfinite: NonFinite = "propagate",
+) -> Tensor:
+    r"""Batch normalization with :func:`torch.nn.functional.batch_norm`'s arguments and results.
+
+    .. math::
+        y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    In training, :math:`\mu, \sigma^2` are the batch mean and biased variance per
+    channel (axis 1) over ``n = N * prod(spatial)`` values, and the running buffers,
+    when given, are updated in place as torch does:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    variance ``var * n / (n - 1)``. In eval, the running statistics are used.
+
+    Args:
+        mask: bool, shaped like ``input`` without the channel axis: statistics use
+            only ``True`` positions; masked positions output ``bias`` (finite).
+        backend: ``"auto"`` (fastest correct path), ``"reference"`` (plain torch
+            ops, the oracle), ``"native"`` (ATen), ``"fused"`` (when installed).
+        nonfinite: what a batch with non-finite statistics does to the running
+            buffers: ``"propagate"`` (torch), ``"skip"`` (warns, leaves them
+            unchanged) or ``"raise"``.
+
+    The training path is an autograd Function whose backward is the closed form
+    ``dx = γ/σ · (dy − mean(dy) − x̂·mean(dy·x̂))``; double backward is supported.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm expects an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+        if mask is not None:
+            raise ValueError("mask only applies in training mode (eval uses the running statistics)")
+        return resolve_kernel(backend, input, None).forward_eval(
+            input, running_mean, running_var, weight, bias, eps
+        )
+    n = check_batch_size(input, mask)
+    if n == 0:  # empty batch: torch returns an empty output and leaves running stats alone
+        return input.clone()
+    y, mean, var = batch_norm_train(input, weight, bias, eps, mask=mask, backend=backend)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            updated = update_running_stats_(
+                running_mean, running_var, mean, var * (n / (n - 1)), momentum, nonfinite=nonfinite
+            )
+        if updated is False:
+            warnings.warn(
+                "batch_norm: non-finite batch statistics; running statistics were not updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return y
