@@ -25,7 +25,11 @@ class BatchNormKernel(Protocol):
 
     @staticmethod
     def forward_train(
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, mask: Tensor | None = None
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
 
     @staticmethod
@@ -60,7 +64,9 @@ def register_kernel(name: str, kernel: BatchNormKernel) -> None:
 
 
 def _under_functorch(x: Tensor) -> bool:
-    if torch.compiler.is_compiling():  # dynamo cannot trace the check; compiled graphs are not vmapped
+    if (
+        torch.compiler.is_compiling()
+    ):  # dynamo cannot trace the check; compiled graphs are not vmapped
         return False
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 

@@ -33,7 +33,7 @@ class _BatchNormTrain(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -79,8 +79,7 @@ def _differentiable_backward(
         y = reference_train_output(x, weight, bias, eps, mask)
         grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
     return tuple(  # type: ignore[return-value]
-        next(grads) if need and t is not None else None
-        for t, need in zip((x, weight, bias), needs)
+        next(grads) if need and t is not None else None for t, need in zip((x, weight, bias), needs)
     )
 
 
@@ -121,15 +120,16 @@ def batch_norm_train(
     without gradient. The building block every training-mode variant reuses.
     """
     kernel = resolve_kernel(backend, input, mask)
+    if getattr(kernel, "differentiable", False):  # ATen's own closed-form autograd (native)
+        y, mean, var, _ = kernel.forward_train(input, weight, bias, eps, mask)
+        return y, mean.detach(), var
     y, mean, var, _ = _BatchNormTrain.apply(input, weight, bias, mask, eps, kernel)
     return y, mean, var
 
 
-def _finite(*stats: Tensor) -> Tensor:
-    ok = torch.ones((), dtype=torch.bool, device=stats[0].device)
-    for s in stats:
-        ok = ok & torch.isfinite(s).all()
-    return ok
+def _finite(mean: Tensor, var: Tensor) -> Tensor:
+    """One 0-d bool: every channel's mean and variance is finite."""
+    return torch.isfinite(torch.cat((mean, var))).all()
 
 
 def update_running_stats_(
@@ -152,31 +152,38 @@ def update_running_stats_(
     device (``"skip"`` on an accelerator or while compiling: the choice is made by
     ``torch.where``, without a host synchronisation).
     """
-    new_mean = mean.to(running_mean.dtype)
-    new_var = var_unbiased.to(running_var.dtype)
-    if nonfinite == "propagate":
-        running_mean.lerp_(new_mean, factor)
-        running_var.lerp_(new_var, factor)
-        return True
-    ok = _finite(new_mean, new_var)
-    if nonfinite == "raise":
-        if not bool(ok):
-            raise FloatingPointError(
-                f"{owner}: non-finite batch statistics (NaN/Inf) in training; "
-                "the running statistics were left unchanged"
-            )
-    elif nonfinite == "skip":
-        if running_mean.device.type != "cpu" or torch.compiler.is_compiling():
-            running_mean.copy_(torch.where(ok, running_mean.lerp(new_mean, factor), running_mean))
-            running_var.copy_(torch.where(ok, running_var.lerp(new_var, factor), running_var))
-            return None
-        if not bool(ok):
-            return False
-    else:
+    new_mean = _blend(running_mean, mean, factor)
+    new_var = _blend(running_var, var_unbiased, factor)
+    if nonfinite not in ("skip", "raise", "propagate"):
         raise ValueError(f"nonfinite must be 'skip', 'raise' or 'propagate', got {nonfinite!r}")
-    running_mean.lerp_(new_mean, factor)
-    running_var.lerp_(new_var, factor)
-    return True
+    if nonfinite == "propagate":
+        updated: bool | None = True
+    else:
+        ok = _finite(new_mean, new_var)
+        if nonfinite == "skip" and (
+            running_mean.device.type != "cpu" or torch.compiler.is_compiling()
+        ):
+            # decide on the device: no host synchronisation
+            new_mean = torch.where(ok, new_mean, running_mean)
+            new_var = torch.where(ok, new_var, running_var)
+            updated = None
+        else:
+            updated = bool(ok)
+            if not updated and nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{owner}: non-finite batch statistics (NaN/Inf) in training; "
+                    "the running statistics were left unchanged"
+                )
+    if updated is not False:
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return updated
+
+
+def _blend(running: Tensor, batch: Tensor, factor: float) -> Tensor:
+    """``(1 - factor) * running + factor * batch`` in the buffer's dtype (``factor == 1``: a copy)."""
+    batch = batch.to(running.dtype)
+    return batch if factor == 1.0 else running.lerp(batch, factor)
 
 
 def batch_norm(
@@ -217,12 +224,18 @@ def batch_norm(
     ``dx = γ/σ · (dy − mean(dy) − x̂·mean(dy·x̂))``; double backward is supported.
     """
     if input.dim() < 2:
-        raise ValueError(f"batch_norm expects an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
+        raise ValueError(
+            f"batch_norm expects an input of at least 2 dimensions (N, C, ...), got {input.dim()}D"
+        )
     if not training:
         if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+            raise ValueError(
+                "batch_norm in eval mode (training=False) needs running_mean and running_var"
+            )
         if mask is not None:
-            raise ValueError("mask only applies in training mode (eval uses the running statistics)")
+            raise ValueError(
+                "mask only applies in training mode (eval uses the running statistics)"
+            )
         return resolve_kernel(backend, input, None).forward_eval(
             input, running_mean, running_var, weight, bias, eps
         )

@@ -111,7 +111,9 @@ class ReferenceKernel:
         dx = dweight = dbias = None
         if needs[0]:
             scale = invstd if weight is None else invstd * weight.to(acc)
-            inner = dy_v - _channel_view(sum_dy / n, ndim) - xhat * _channel_view(sum_dy_xhat / n, ndim)
+            inner = (
+                dy_v - _channel_view(sum_dy / n, ndim) - xhat * _channel_view(sum_dy_xhat / n, ndim)
+            )
             dx = (_channel_view(scale, ndim) * inner).to(x.dtype)
         if weight is not None and needs[1]:
             dweight = sum_dy_xhat.to(weight.dtype)

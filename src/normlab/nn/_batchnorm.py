@@ -87,7 +87,11 @@ class NormBase(_BatchNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        for name, default in (("nonfinite", "skip"), ("single_sample", "raise"), ("backend", "auto")):
+        for name, default in (
+            ("nonfinite", "skip"),
+            ("single_sample", "raise"),
+            ("backend", "auto"),
+        ):
             value = getattr(self, name)
             if value != default:
                 text += f", {name}={value!r}"
@@ -99,7 +103,9 @@ class NormBase(_BatchNorm):
         return input, False
 
     # --- the part variants override ---------------------------------------------
-    def _train_forward(self, x: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _train_forward(
+        self, x: Tensor, mask: Tensor | None, n: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Normalize ``x`` ``(N, C, *)`` with batch statistics.
 
         Returns ``(y, mean, var_unbiased)``: the output and the statistics the
@@ -139,28 +145,87 @@ class NormBase(_BatchNorm):
             if tracking and self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
             return x.clone()
+        if tracking and mask is None and self._aten_fast_path(x):
+            return self._aten_train_forward(x)
         y, mean, var_unbiased = self._train_forward(x, mask, n)
         if tracking:
             self._update_running_stats(mean, var_unbiased)
         return y
 
+    def _momentum_factor(self) -> float:
+        assert self.num_batches_tracked is not None
+        if self.momentum is None:  # cumulative moving average
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return self.momentum
+
+    def _aten_fast_path(self, x: Tensor) -> bool:
+        """Plain batch norm on ATen's kernel: no variant statistics, no mask, CPU/CUDA eager."""
+        return (
+            type(self)._train_forward is NormBase._train_forward
+            and x.device.type in ("cpu", "cuda")
+            and getattr(resolve_kernel(self.backend, x, None), "name", "") == "native"
+        )
+
+    def _aten_train_forward(self, x: Tensor) -> Tensor:
+        """One ATen pass normalizes and updates *copies* of the running buffers (torch-exact);
+        the copies are committed unless the non-finite policy rejects them."""
+        assert self.running_mean is not None and self.running_var is not None
+        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        y, _, _ = torch.ops.aten.native_batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            True,
+            self._momentum_factor(),
+            self.eps,
+        )
+        with torch.no_grad():
+            self._commit_running_stats(running_mean, running_var)
+        return y
+
+    def _commit_running_stats(self, new_mean: Tensor, new_var: Tensor) -> None:
+        """Copy already-updated statistics into the buffers, subject to ``nonfinite``."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self._apply_update(
+            update_running_stats_(
+                self.running_mean,
+                self.running_var,
+                new_mean,
+                new_var,
+                1.0,
+                nonfinite=self.nonfinite,
+                owner=self._owner(),
+            ),
+            new_mean,
+            new_var,
+        )
+
+    def _owner(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
         assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        if self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        else:
-            factor = self.momentum
-        updated = update_running_stats_(
-            self.running_mean,
-            self.running_var,
+        self._apply_update(
+            update_running_stats_(
+                self.running_mean,
+                self.running_var,
+                mean,
+                var_unbiased,
+                self._momentum_factor(),
+                nonfinite=self.nonfinite,
+                owner=self._owner(),
+            ),
             mean,
             var_unbiased,
-            factor,
-            nonfinite=self.nonfinite,
-            owner=f"{type(self).__name__}({self.num_features})",
         )
+
+    def _apply_update(self, updated: bool | None, mean: Tensor, var_unbiased: Tensor) -> None:
+        """Count the batch and warn (once) after :func:`update_running_stats_` decided."""
+        assert self.num_batches_tracked is not None
         if updated is None:  # decided on the device, without a host sync
             self.num_batches_tracked.add_(_finite_flag(mean, var_unbiased))
         elif updated:
@@ -177,7 +242,7 @@ class NormBase(_BatchNorm):
 
 
 def _finite_flag(mean: Tensor, var: Tensor) -> Tensor:
-    return (torch.isfinite(mean).all() & torch.isfinite(var).all()).long()
+    return torch.isfinite(torch.cat((mean, var))).all().long()
 
 
 class BatchNorm1d(NormBase):
