@@ -7,4 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from . import functional, nn
+
+__all__ = ["__version__", "functional", "nn"]

@@ -114,6 +114,8 @@ class ReferenceKernel:
             inner = (
                 dy_v - _channel_view(sum_dy / n, ndim) - xhat * _channel_view(sum_dy_xhat / n, ndim)
             )
+            if mask is not None:  # masked positions output beta: no gradient reaches x there
+                inner = torch.where(mask.unsqueeze(1), inner, inner.new_zeros(()))
             dx = (_channel_view(scale, ndim) * inner).to(x.dtype)
         if weight is not None and needs[1]:
             dweight = sum_dy_xhat.to(weight.dtype)

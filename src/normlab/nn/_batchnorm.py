@@ -97,6 +97,18 @@ class NormBase(_BatchNorm):
                 text += f", {name}={value!r}"
         return text
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Checkpoints written before the counter existed, or by tools that drop it
+        # (ONNX round trips, hand-made dicts), still load: the counter restarts at 0.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     # --- layout -----------------------------------------------------------------
     def _to_channels_first(self, input: Tensor) -> tuple[Tensor, bool]:
         """``(N, C, *)`` view of the input, and whether the channel axis was moved."""
