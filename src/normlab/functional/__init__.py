@@ -3,6 +3,7 @@
 from ._backend import BACKENDS, Backend, BatchNormKernel, register_kernel, resolve_kernel
 from ._batch_norm import (
     NonFinite,
+    all_finite_host,
     batch_norm,
     batch_norm_train,
     check_batch_size,
@@ -18,6 +19,7 @@ __all__ = [
     "NonFinite",
     "ReferenceKernel",
     "accumulation_dtype",
+    "all_finite_host",
     "batch_norm",
     "batch_norm_stats",
     "batch_norm_train",

@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..functional import (
     BACKENDS,
     NonFinite,
+    all_finite_host,
     batch_norm_train,
     check_batch_size,
     resolve_kernel,
@@ -143,8 +144,7 @@ class NormBase(_BatchNorm):
         return y.movedim(1, -1) if moved else y
 
     def _forward_channels_first(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats:
+        if not self.training and self.running_mean is not None:
             return self._eval_forward(x)
         tracking = self.training and self.track_running_stats
         try:
@@ -175,26 +175,31 @@ class NormBase(_BatchNorm):
         return (
             type(self)._train_forward is NormBase._train_forward
             and x.device.type in ("cpu", "cuda")
-            and getattr(resolve_kernel(self.backend, x, None), "name", "") == "native"
+            and resolve_kernel(self.backend, x, None).name == "native"
         )
 
     def _aten_train_forward(self, x: Tensor) -> Tensor:
-        """One ATen pass normalizes and updates *copies* of the running buffers (torch-exact);
-        the copies are committed unless the non-finite policy rejects them."""
-        assert self.running_mean is not None and self.running_var is not None
-        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
-        y, _, _ = torch.ops.aten.native_batch_norm(
-            x,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            True,
-            self._momentum_factor(),
-            self.eps,
-        )
-        with torch.no_grad():
-            self._commit_running_stats(running_mean, running_var)
+        """One ATen pass normalizes and updates *copies* of the running buffers (torch-exact).
+
+        The hot path of every plain BatchNorm step, kept lean: the copies are
+        committed unless ``nonfinite`` rejects them (checked on the host for CPU
+        buffers, on the device otherwise).
+        """
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None
+        assert self.num_batches_tracked is not None
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+        y = torch.native_batch_norm(
+            x, self.weight, self.bias, new_mean, new_var, True, self._momentum_factor(), self.eps
+        )[0]
+        if self.nonfinite == "propagate" or (
+            running_mean.device.type == "cpu" and all_finite_host(new_mean, new_var)
+        ):
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+            self.num_batches_tracked.add_(1)
+        else:  # rejected, or to be decided on the device
+            self._commit_running_stats(new_mean, new_var)
         return y
 
     def _commit_running_stats(self, new_mean: Tensor, new_var: Tensor) -> None:
