@@ -193,7 +193,9 @@ class NormBase(_BatchNorm):
             x, self.weight, self.bias, new_mean, new_var, True, self._momentum_factor(), self.eps
         )[0]
         if self.nonfinite == "propagate" or (
-            running_mean.device.type == "cpu" and all_finite_host(new_mean, new_var)
+            running_mean.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # compiled: decide on the device, no graph break
+            and all_finite_host(new_mean, new_var)
         ):
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
