@@ -389,7 +389,7 @@ def test_fold_conv_bn_weights_errors() -> None:
 
 
 def test_fold_batchnorm_errors() -> None:
-    with pytest.raises(TypeError, match="fold_batchnorm expects an nn.Module, got int"):
+    with pytest.raises(TypeError, match=r"fold_batchnorm expects an nn\.Module, got int"):
         fold_batchnorm(3)  # type: ignore[arg-type]
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
     model.lock = threading.Lock()  # type: ignore[assignment]

@@ -182,7 +182,7 @@ def test_convert_a_batchnorm_root_and_keep_settings() -> None:
 
 def test_convert_errors() -> None:
     with pytest.raises(
-        TypeError, match="target_cls must be an nn.Module class or a mapping of classes, got 3"
+        TypeError, match=r"target_cls must be an nn\.Module class or a mapping of classes, got 3"
     ):
         convert_batchnorm(_model(), 3)  # type: ignore[arg-type]
     with pytest.raises(

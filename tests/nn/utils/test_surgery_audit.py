@@ -98,7 +98,9 @@ def test_remove_outside_sequential_uses_identity() -> None:
 
 
 def test_surgery_errors() -> None:
-    with pytest.raises(TypeError, match="add_batchnorm expects an nn.Sequential model, got Linear"):
+    with pytest.raises(
+        TypeError, match=r"add_batchnorm expects an nn\.Sequential model, got Linear"
+    ):
         add_batchnorm(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(
         ValueError,
