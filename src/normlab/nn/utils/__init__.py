@@ -1,0 +1,32 @@
+"""Model tools: fold, recalibrate, freeze, convert, add/remove and audit BatchNorm layers.
+
+Every function works on models built with torch's ``BatchNorm*`` as well as
+normlab's (and ``FrozenBatchNorm*``): users bring their existing models.
+"""
+
+from ._audit import AuditReport, Finding, audit_batchnorm
+from ._common import is_batchnorm
+from ._convert import convert_batchnorm
+from ._fold import FoldReport, NormLeafTracer, fold_batchnorm, fold_conv_bn_weights
+from ._freeze import FreezeMode, freeze_batchnorm, is_frozen, unfreeze_batchnorm
+from ._recalibrate import recalibrate_batchnorm
+from ._surgery import add_batchnorm, remove_batchnorm
+
+__all__ = [
+    "AuditReport",
+    "Finding",
+    "FoldReport",
+    "FreezeMode",
+    "NormLeafTracer",
+    "add_batchnorm",
+    "audit_batchnorm",
+    "convert_batchnorm",
+    "fold_batchnorm",
+    "fold_conv_bn_weights",
+    "freeze_batchnorm",
+    "is_batchnorm",
+    "is_frozen",
+    "recalibrate_batchnorm",
+    "remove_batchnorm",
+    "unfreeze_batchnorm",
+]

@@ -1,0 +1,383 @@
+r"""Fold eval-mode BatchNorm into the Conv / ConvTranspose / Linear that feeds it.
+
+In eval mode a BatchNorm is a per-channel affine map of its running statistics,
+
+.. math::
+    \mathrm{BN}(z) = \gamma \frac{z - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta = s\,z + (\beta - s\mu),
+    \qquad s = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}},
+
+so when ``z = W * x + b`` is a convolution or a linear map,
+``BN(z) = (s W) * x + s (b - \mu) + \beta``: scale each output channel of ``W``
+by ``s`` and replace the bias. The tensor-level :func:`fold_conv_bn_weights`
+does that arithmetic; :func:`fold_batchnorm` finds the pairs in a model (with
+``torch.fx``, or inside ``nn.Sequential`` containers when the model does not
+trace) and rewrites them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ._common import (
+    CONV_TYPES,
+    bn_affine,
+    bn_channel_axis,
+    bn_eps,
+    has_running_stats,
+    is_batchnorm,
+)
+from ._table import render_table
+
+__all__ = ["FoldReport", "NormLeafTracer", "fold_batchnorm", "fold_conv_bn_weights"]
+
+
+def fold_conv_bn_weights(
+    w: Tensor,
+    b: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    *,
+    transpose: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    r"""Weight and bias of the layer ``BN(layer(x))`` in eval mode, for a Conv/ConvTranspose/Linear.
+
+    .. math:: W' = W \cdot s,\quad b' = (b - \mu)\, s + \beta,\quad s = \gamma / \sqrt{\sigma^2 + \epsilon}
+
+    ``s`` multiplies the *output* channels of ``W``: dim 0 for ``Conv*`` and
+    ``Linear`` (``(C_out, C_in/groups, *k)`` / ``(C_out, C_in)``); for
+    ``ConvTranspose*`` (``transpose=True``) the weight is ``(C_in, C_out/groups, *k)``
+    and output channel ``g·C_out/groups + j`` lives at ``W[g·C_in/groups : (g+1)·C_in/groups, j]``.
+    ``gamma``/``beta`` ``None`` mean a non-affine BatchNorm (1 and 0), ``b`` ``None`` a
+    layer without bias. Computed in at least float32, returned in ``w``'s dtype
+    (bias: ``b``'s dtype, or ``w``'s when ``b`` is ``None``). Agrees with
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_weights` where that applies (it
+    supports ``groups=1`` only for transposed convolutions).
+
+    Returns:
+        ``(w', b')`` — new tensors; the inputs are not modified.
+    """
+    if running_mean.dim() != 1 or running_var.shape != running_mean.shape:
+        raise ValueError(
+            "running_mean and running_var must be 1-D tensors of the same length, got "
+            f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}"
+        )
+    c_out = running_mean.numel()
+    if groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups}")
+    if transpose:
+        if w.dim() < 3 or w.shape[0] % groups or w.shape[1] * groups != c_out:
+            raise ValueError(
+                f"transposed weight {tuple(w.shape)} with groups={groups} does not have "
+                f"{c_out} output channels (expected shape (C_in, {c_out}/groups, *kernel))"
+            )
+    elif w.shape[0] != c_out:
+        raise ValueError(
+            f"weight {tuple(w.shape)} has {w.shape[0]} output channels, BatchNorm has {c_out}"
+        )
+    for name, t in (("b", b), ("gamma", gamma), ("beta", beta)):
+        if t is not None and t.shape != running_mean.shape:
+            raise ValueError(f"{name} must have shape ({c_out},), got {tuple(t.shape)}")
+
+    acc = torch.promote_types(w.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(acc) + eps)  # (C_out,)
+    if gamma is not None:
+        scale = scale * gamma.to(acc)
+    bias = b.to(acc) if b is not None else torch.zeros_like(scale)
+    new_b = (bias - running_mean.to(acc)) * scale
+    if beta is not None:
+        new_b = new_b + beta.to(acc)
+    kernel_ones = [1] * (w.dim() - 2)
+    if transpose:
+        c_in = w.shape[0]
+        grouped = w.to(acc).reshape(groups, c_in // groups, c_out // groups, *w.shape[2:])
+        new_w = (grouped * scale.reshape(groups, 1, c_out // groups, *kernel_ones)).reshape(w.shape)
+    else:
+        new_w = w.to(acc) * scale.reshape(-1, 1, *kernel_ones)
+    return new_w.to(w.dtype), new_b.to(b.dtype if b is not None else w.dtype)
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold_batchnorm` did.
+
+    Attributes:
+        method: ``"fx"`` (the model traced) or ``"sequential"`` (module-order
+            matching inside ``nn.Sequential`` containers, after tracing failed).
+        folded: ``(layer path, batchnorm path)`` for every folded pair.
+        skipped: ``(batchnorm path, reason)`` for every BatchNorm left in place.
+        trace_error: why ``torch.fx`` could not trace the model (``"sequential"`` only).
+    """
+
+    method: Literal["fx", "sequential"]
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    trace_error: str | None = None
+
+    def __str__(self) -> str:
+        rows = [(bn, "folded", f"into {layer}") for layer, bn in self.folded]
+        rows += [(bn, "kept", reason) for bn, reason in self.skipped]
+        title = (
+            f"fold_batchnorm ({self.method}): {len(self.folded)} folded, {len(self.skipped)} kept"
+        )
+        if self.trace_error is not None:
+            title += f"\nfx tracing failed: {self.trace_error}"
+        return render_table(title, ["BatchNorm", "result", "detail"], rows)
+
+
+class NormLeafTracer(fx.Tracer):
+    """``torch.fx`` tracer that keeps every BatchNorm (torch's, normlab's, Frozen) as one leaf call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _stock_base(layer: nn.Module) -> type[nn.Module] | None:
+    """The torch class whose ``forward`` ``layer`` runs unchanged, or ``None``."""
+    bases: tuple[type[nn.Module], ...] = (*CONV_TYPES, nn.Linear)
+    for base in bases:
+        if isinstance(layer, base):
+            same_forward = type(layer).forward is base.forward
+            same_conv = getattr(type(layer), "_conv_forward", None) is getattr(
+                base, "_conv_forward", None
+            )
+            return base if same_forward and same_conv else None
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _probe_is_affine(bn: nn.Module, spatial: int) -> bool:
+    """Whether ``bn``'s eval forward is the affine map of its running statistics (no fused activation)."""
+    assert isinstance(bn.running_mean, Tensor) and isinstance(bn.running_var, Tensor)
+    rm, rv = bn.running_mean, bn.running_var
+    c = rm.numel()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, c, *([3] * spatial)), generator=gen, dtype=torch.float32)
+    x = x.to(dtype=rm.dtype, device=rm.device)
+    gamma, beta = bn_affine(bn)
+    shape = (1, c, *([1] * spatial))
+    scale = torch.rsqrt(rv.float() + bn_eps(bn))
+    if gamma is not None:
+        scale = scale * gamma.float()
+    shift = -rm.float() * scale + (beta.float() if beta is not None else 0.0)
+    expected = x.float() * scale.reshape(shape) + shift.reshape(shape)
+    try:
+        with torch.no_grad():
+            y = bn(x)
+    except Exception:
+        return False
+    tol = 1e-4 if rm.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(torch.allclose(y.float(), expected, rtol=tol, atol=tol, equal_nan=True))
+
+
+def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
+    """The reason ``bn`` cannot be folded into ``layer``, or ``None`` when it can."""
+    base = _stock_base(layer)
+    if base is None:
+        return f"{type(layer).__name__} overrides the stock Conv/Linear forward"
+    if parametrize.is_parametrized(layer):
+        return "the layer's weight is parametrized"
+    if _has_hooks(layer) or _has_hooks(bn):
+        return "the layer or the BatchNorm has hooks"
+    if not has_running_stats(bn):
+        return "no running statistics (track_running_stats=False): eval uses batch statistics"
+    assert isinstance(bn.running_mean, Tensor)
+    c = bn.running_mean.numel()
+    out = layer.out_features if base is nn.Linear else layer.out_channels
+    if out != c:
+        return f"the layer has {out} output channels, the BatchNorm {c}"
+    spatial = 0 if base is nn.Linear else CONV_TYPES[base][0]
+    if base is not nn.Linear and bn_channel_axis(bn) not in (1, -spatial - 2):
+        return f"channel_axis={bn_channel_axis(bn)} is not the convolution's channel axis"
+    if not _probe_is_affine(bn, spatial):
+        return (
+            "its eval forward is not the affine map of its running statistics (fused activation?)"
+        )
+    return None
+
+
+def _folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` computing ``bn(layer(x))`` in eval mode (``layer`` and ``bn`` untouched)."""
+    base = _stock_base(layer)
+    assert base is not None and isinstance(bn.running_mean, Tensor)
+    assert isinstance(bn.running_var, Tensor)
+    transpose = base in CONV_TYPES and CONV_TYPES[base][1]
+    gamma, beta = bn_affine(bn)
+    weight, bias = layer.weight, layer.bias
+    assert isinstance(weight, Tensor)
+    with torch.no_grad():
+        new_w, new_b = fold_conv_bn_weights(
+            weight,
+            bias if isinstance(bias, Tensor) else None,
+            bn.running_mean,
+            bn.running_var,
+            bn_eps(bn),
+            gamma,
+            beta,
+            transpose=transpose,
+            groups=int(getattr(layer, "groups", 1)),
+        )
+    new = copy.deepcopy(layer)
+    new.weight = nn.Parameter(new_w, requires_grad=weight.requires_grad)
+    new.bias = nn.Parameter(new_b, requires_grad=weight.requires_grad)
+    return new
+
+
+def _shared_ids(model: nn.Module) -> set[int]:
+    counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return {i for i, n in counts.items() if n > 1}
+
+
+def _fold_fx(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
+    tracer = NormLeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    report = FoldReport("fx")
+    seen: set[str] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not is_batchnorm(modules[str(node.target)]):
+            continue
+        bn_name = str(node.target)
+        if bn_name in seen:
+            continue
+        seen.add(bn_name)
+        bn = modules[bn_name]
+        prev = node.args[0] if node.args else None
+        reason: str | None
+        if len(node.args) != 1 or node.kwargs:
+            reason = "called with extra arguments"
+        elif not (
+            isinstance(prev, fx.Node)
+            and prev.op == "call_module"
+            and isinstance(modules[str(prev.target)], (*CONV_TYPES, nn.Linear))
+        ):
+            reason = "its input is not the output of a Conv/ConvTranspose/Linear module"
+        elif len(prev.users) > 1:
+            reason = f"the output of {prev.target} has other users"
+        elif calls[prev.target] > 1 or calls[bn_name] > 1:
+            reason = f"{prev.target} or the BatchNorm is called more than once"
+        else:
+            reason = _why_not(modules[str(prev.target)], bn)
+        if reason is not None:
+            report.skipped.append((bn_name, reason))
+            continue
+        assert isinstance(prev, fx.Node)
+        layer_name = str(prev.target)
+        gm.set_submodule(layer_name, _folded_layer(modules[layer_name], bn))
+        node.replace_all_uses_with(prev)
+        graph.erase_node(node)
+        gm.delete_submodule(bn_name)
+        report.folded.append((layer_name, bn_name))
+    for name, m in model.named_modules():
+        if is_batchnorm(m) and name not in seen and name:
+            report.skipped.append((name, "not called by the traced forward"))
+    graph.lint()
+    gm.recompile()
+    return gm, report
+
+
+def _fold_sequential(model: nn.Module, trace_error: str) -> FoldReport:
+    report = FoldReport("sequential", trace_error=trace_error)
+    shared = _shared_ids(model)
+    placed: set[str] = set()
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        items = list(seq._modules.items())
+        for (name_a, a), (name_b, b) in itertools.pairwise(items):
+            if b is None or a is None or not is_batchnorm(b):
+                continue
+            if not isinstance(a, (*CONV_TYPES, nn.Linear)):
+                continue
+            path = f"{seq_name}.{name_b}" if seq_name else name_b
+            path_a = f"{seq_name}.{name_a}" if seq_name else name_a
+            placed.add(path)
+            reason = (
+                "the layer or the BatchNorm is used in more than one place"
+                if id(a) in shared or id(b) in shared
+                else _why_not(a, b)
+            )
+            if reason is not None:
+                report.skipped.append((path, reason))
+                continue
+            seq._modules[name_a] = _folded_layer(a, b)
+            seq._modules[name_b] = nn.Identity()
+            report.folded.append((path_a, path))
+    for name, m in model.named_modules():
+        if is_batchnorm(m) and name not in placed:
+            report.skipped.append(
+                (name or "<model>", "not directly after a Conv/Linear inside an nn.Sequential")
+            )
+    return report
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
+    """Eval-mode copy of ``model`` with every foldable BatchNorm folded into the layer before it.
+
+    A BatchNorm (torch's, normlab's incl. variants, or ``FrozenBatchNorm*``) is
+    folded when its input is the output of a ``Conv1d/2d/3d``,
+    ``ConvTranspose1d/2d/3d`` or ``Linear`` (stock forward, no hooks or
+    parametrizations) that has no other user, it has running statistics, and its
+    eval forward is the affine map of them (checked on a probe, which rules out
+    fused activations). The pair becomes one layer with
+    :func:`fold_conv_bn_weights`; outputs equal the original eval model's up to
+    rounding.
+
+    Finding the pairs: ``model`` is traced with :class:`NormLeafTracer`
+    (``torch.fx``; every BatchNorm is a leaf). The result is then an
+    ``fx.GraphModule`` of the *eval-mode* forward, with the folded BatchNorms
+    removed and the parameter names of all other layers kept. If tracing fails
+    (e.g. data-dependent control flow), pairs are matched by module order inside
+    every ``nn.Sequential`` at any depth, folded layers replaced in place and the
+    BatchNorm replaced by ``nn.Identity``; the result has ``model``'s class.
+
+    For a ``Linear`` followed by a ``BatchNorm1d`` over axis 1, the activation is
+    assumed to be ``(N, features)`` — the only layout in which axis 1 is the
+    Linear's output.
+
+    Args:
+        model: any ``nn.Module``; its training flag is ignored (the result is in eval mode).
+        inplace: ``False`` (default) works on a deep copy, so the result shares
+            nothing with ``model``. ``True`` skips the copy: the Sequential
+            fallback modifies ``model`` itself; an fx result shares the untouched
+            layers' tensors with ``model`` (which is set to eval mode but keeps working).
+
+    Returns:
+        ``(folded_model, FoldReport)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
+    if inplace:
+        work = model
+    else:
+        try:
+            work = copy.deepcopy(model)
+        except Exception as error:  # e.g. an attribute holding a lock or a file handle
+            raise TypeError(
+                f"fold_batchnorm: the model cannot be deep-copied ({error}); pass inplace=True"
+            ) from error
+    work.eval()
+    try:
+        gm, report = _fold_fx(work)
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        return work, _fold_sequential(work, message)
+    gm.eval()
+    return gm, report
