@@ -5,8 +5,6 @@ A same-run ratio (median of alternating repeats), never a timed test.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.utils import fold_batchnorm
+from ._core import BenchOptions, Case, time_pair
 
-__all__ = ["fold_speedup", "small_resnet"]
+__all__ = ["fold_cases", "fold_speedup", "small_resnet"]
 
 
 class _Block(nn.Module):
@@ -61,29 +60,6 @@ def small_resnet(width: int = 16, num_classes: int = 10) -> nn.Module:
     return model.eval()
 
 
-def _median_pair(
-    a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int
-) -> tuple[float, float]:
-    def timed(fn: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        a()
-        b()
-    ta: list[float] = []
-    tb: list[float] = []
-    for i in range(repeats):  # alternate the order so drift hits both alike
-        if i % 2 == 0:
-            ta.append(timed(a))
-            tb.append(timed(b))
-        else:
-            tb.append(timed(b))
-            ta.append(timed(a))
-    return statistics.median(ta), statistics.median(tb)
-
-
 def fold_speedup(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Eval time of ``small_resnet`` with BatchNorm vs folded; ``speedup = original / folded``.
 
@@ -109,7 +85,7 @@ def fold_speedup(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
 
             return call
 
-        base, fast = _median_pair(run(model), run(folded), repeats, warmup=3)
+        base, fast = time_pair(run(model), run(folded), repeats=repeats, warmup=3)
     return {
         "model": "small_resnet(width=16), torch BatchNorm2d",
         "input_shape": (batch, 3, size, size),
@@ -121,3 +97,29 @@ def fold_speedup(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         "max_abs_diff": diff,
         "folded": len(report.folded),
     }
+
+
+def fold_cases(options: BenchOptions) -> list[Case]:
+    """Eval forward of ``small_resnet`` before (baseline) and after ``fold_batchnorm``."""
+    batch = 16 if options.quick else 64
+    model = small_resnet()
+    folded, _ = fold_batchnorm(model)
+    x = torch.randn(batch, 3, 32, 32)
+
+    def run(m: nn.Module) -> Callable[[], object]:
+        def call() -> object:
+            with torch.inference_mode():
+                return m(x)
+
+        return call
+
+    return [
+        Case(
+            "fold",
+            f"small_resnet ({batch}, 3, 32, 32)",
+            "eval fwd",
+            run(model),
+            run(folded),
+            baseline_label="unfolded",
+        )
+    ]
