@@ -89,12 +89,12 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
   return t.contiguous(fmt);
 }
 
-// Per-channel float parameters (gamma, beta) with defaults.
-std::vector<float> channel_param(const std::optional<Tensor>& t, int64_t C, float fill) {
-  std::vector<float> out(C, fill);
+// Per-channel parameters (gamma, beta) in double, with defaults.
+std::vector<double> channel_param(const std::optional<Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
   if (t && t->defined()) {
-    auto f = t->to(at::kFloat).contiguous();
-    const float* p = f.data_ptr<float>();
+    auto f = t->to(at::kDouble).contiguous();
+    const double* p = f.data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) out[c] = p[c];
   }
   return out;
@@ -377,8 +377,8 @@ void rows_reduce(int64_t M, int64_t C, std::vector<double>& a, std::vector<doubl
 
 // ====================== train forward ======================
 template <typename T, bool ACT>
-void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<float>& gamma,
-                        const std::vector<float>& beta, double eps, double slope, Tensor& mean_t, Tensor& var_t,
+void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
+                        const std::vector<double>& beta, double eps, double slope, Tensor& mean_t, Tensor& var_t,
                         Tensor& invstd_t) {
   using A = acc_t<T>;
   const T* px = x.data_ptr<T>();
@@ -409,12 +409,14 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<T, float>) {
             if (stream) {
-              normalize_stream<ACT>(px + off, py + off, S, &shift, &dmean, &scale, &beta[c], 0, float(slope));
+              const float bb = static_cast<float>(beta[c]);
+              normalize_stream<ACT>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
               continue;
             }
           }
 #endif
-          normalize_run<T, ACT>(px + off, py + off, S, shift, dmean, scale, beta[c], static_cast<A>(slope));
+          normalize_run<T, ACT>(px + off, py + off, S, shift, dmean, scale, static_cast<A>(beta[c]),
+                                static_cast<A>(slope));
         }
       }
       if (stream) stream_fence();
@@ -468,8 +470,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = x.options().dtype(acc);
   Tensor mean = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts);
-  const auto gamma = channel_param(weight, sh.C, 1.0f);
-  const auto beta = channel_param(bias, sh.C, 0.0f);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
     if (slope)
       forward_train_impl<scalar_t, true>(x, sh, y, gamma, beta, eps, *slope, mean, var, invstd);
@@ -481,8 +483,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
 
 // ====================== train backward ======================
 template <typename T, bool ACT>
-void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<float>& gamma,
-                         const std::vector<float>& beta, const Tensor& mean_t, const Tensor& invstd_t, double slope,
+void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& gamma,
+                         const std::vector<double>& beta, const Tensor& mean_t, const Tensor& invstd_t, double slope,
                          Tensor* dx, std::vector<double>& sdy, std::vector<double>& sdyxc) {
   using A = acc_t<T>;
   const T* px = x.data_ptr<T>();
@@ -578,8 +580,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
   Tensor x = input;
   const Shape sh = layout_of(x);
   Tensor dy = like_layout(grad_out.to(x.scalar_type()), x);
-  const auto gamma = channel_param(weight, sh.C, 1.0f);
-  const auto beta = channel_param(bias, sh.C, 0.0f);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
   Tensor dx;
   if (needs[0]) dx = at::empty_like(x);
   std::vector<double> sdy, sdyxc;
@@ -611,7 +613,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
 // ====================== eval forward ======================
 template <typename T, bool ACT>
 void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& mean,
-                       const std::vector<double>& scale, const std::vector<float>& beta, double slope) {
+                       const std::vector<double>& scale, const std::vector<double>& beta, double slope) {
   using A = acc_t<T>;
   const T* px = x.data_ptr<T>();
   T* py = y.data_ptr<T>();
@@ -658,8 +660,8 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
   Tensor y = at::empty_like(x);
   auto rm = running_mean.to(at::kDouble).contiguous();
   auto rv = running_var.to(at::kDouble).contiguous();
-  const auto gamma = channel_param(weight, sh.C, 1.0f);
-  const auto beta = channel_param(bias, sh.C, 0.0f);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
   std::vector<double> mean(sh.C), scale(sh.C);
   for (int64_t c = 0; c < sh.C; ++c) {
     mean[c] = rm.data_ptr<double>()[c];
