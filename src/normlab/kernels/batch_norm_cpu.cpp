@@ -55,11 +55,21 @@ constexpr int64_t kChunk = 256;  // float partial sums over at most this many va
 
 inline float load(const float v) { return v; }
 inline double load(const double v) { return v; }
-inline float load(const c10::BFloat16 v) { return static_cast<float>(v); }
+// bf16 -> fp32 is a shift; written out so that the compiler vectorizes it
+inline float load(const c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
 inline float load(const c10::Half v) { return static_cast<float>(v); }
 
 template <typename T>
 inline T store(acc_t<T> v) { return static_cast<T>(v); }
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN), branch-free for vectorization
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
 
 enum class Layout { NCS, ROWS };
 
@@ -192,15 +202,31 @@ inline float act1(float v, float slope) {
   return v;
 }
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#if defined(__AVX512BF16__)
+constexpr bool kStreamBf16 = true;
+inline void stream16(c10::BFloat16* p, __m512 v) {  // round to nearest even, like store<BFloat16>
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#else
+constexpr bool kStreamBf16 = false;
+inline void stream16(c10::BFloat16*, __m512) {}
+#endif
+
 // y[i] = act(((x[i] - shift[i]) - dm[i]) * scale[i] + beta[i]); per-channel operands are
 // arrays indexed with stride `cs` (0: one channel for the whole run, 1: a row of channels).
-template <bool ACT>
-inline void normalize_stream(const float* x, float* y, int64_t len, const float* shift, const float* dm,
+template <typename T, bool ACT>
+inline void normalize_stream(const T* x, T* y, int64_t len, const float* shift, const float* dm,
                              const float* scale, const float* beta, int64_t cs, float slope) {
   int64_t i = 0;
   auto one = [&](int64_t k) {
     const int64_t c = k * cs;
-    y[k] = act1<ACT>(((x[k] - shift[c]) - dm[c]) * scale[c] + beta[c], slope);
+    y[k] = store<T>(act1<ACT>(((load(x[k]) - shift[c]) - dm[c]) * scale[c] + beta[c], slope));
   };
   for (; i < len && (reinterpret_cast<uintptr_t>(y + i) & 63); ++i) one(i);
   const __m512 vsl = _mm512_set1_ps(slope);
@@ -212,8 +238,8 @@ inline void normalize_stream(const float* x, float* y, int64_t len, const float*
     } else {
       sh = _mm512_set1_ps(*shift), d = _mm512_set1_ps(*dm), sc = _mm512_set1_ps(*scale), b = _mm512_set1_ps(*beta);
     }
-    const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh), d);
-    _mm512_stream_ps(y + i, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
+    const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + i), sh), d);
+    stream16(y + i, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
   }
   for (; i < len; ++i) one(i);
 }
@@ -254,11 +280,18 @@ inline void grad_input_stream(const float* dy, const float* x, float* dx, int64_
 }
 #else
 constexpr bool kHaveStream = false;
+constexpr bool kStreamBf16 = false;
 #endif
 
+// Streaming pays off only when whole cache lines are written by vector stores: a
+// partial line (unaligned head/tail of a short run) written with streaming stores
+// next to regular ones costs far more than it saves. So: long NCS runs, or rows
+// that are a whole number of 64-byte lines.
 template <typename T>
-bool use_stream(const Tensor& out) {
-  return kHaveStream && std::is_same_v<T, float> && out.numel() * int64_t(sizeof(float)) > kStreamBytes;
+bool use_stream(const Tensor& out, const Shape& sh) {
+  constexpr bool can = std::is_same_v<T, float> || (std::is_same_v<T, c10::BFloat16> && kStreamBf16);
+  const bool whole_lines = sh.layout == Layout::NCS ? sh.S >= 1024 : (sh.C * int64_t(sizeof(T))) % 64 == 0;
+  return kHaveStream && can && whole_lines && out.numel() * int64_t(sizeof(T)) > kStreamBytes;
 }
 
 inline void stream_fence() {
@@ -388,7 +421,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
   A* pi = invstd_t.data_ptr<A>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const double n = static_cast<double>(N) * S;
-  const bool stream = use_stream<T>(y);
+  const bool stream = use_stream<T>(y, sh);
   if (sh.layout == Layout::NCS) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -407,10 +440,10 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
         for (int64_t i = 0; i < N; ++i) {
           const int64_t off = (i * C + c) * S;
 #if defined(__AVX512F__)
-          if constexpr (std::is_same_v<T, float>) {
+          if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
             if (stream) {
               const float bb = static_cast<float>(beta[c]);
-              normalize_stream<ACT>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
+              normalize_stream<T, ACT>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
               continue;
             }
           }
@@ -444,10 +477,10 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
 #if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
       if (stream) {
         for (int64_t r = r0; r < r1; ++r)
-          normalize_stream<ACT>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
+          normalize_stream<T, ACT>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
                                 float(slope));
         stream_fence();
         return;
@@ -497,7 +530,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const double n = static_cast<double>(N) * S;
   const A sl = static_cast<A>(slope);
-  const bool stream = dx && use_stream<T>(*dx);
+  const bool stream = dx && use_stream<T>(*dx, sh);
   sdy.assign(C, 0.0);
   sdyxc.assign(C, 0.0);
   if (sh.layout == Layout::NCS) {
@@ -619,7 +652,7 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   T* py = y.data_ptr<T>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const A sl = static_cast<A>(slope);
-  const bool stream = use_stream<T>(y);
+  const bool stream = use_stream<T>(y, sh);
   std::vector<A> m(C), z(C, A(0)), s(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
     m[c] = static_cast<A>(mean[c]);
@@ -634,9 +667,9 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t c = ncs ? j % C : 0;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
         if (stream) {
-          normalize_stream<ACT>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
+          normalize_stream<T, ACT>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
           continue;
         }
       }
