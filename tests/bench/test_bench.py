@@ -16,13 +16,14 @@ from normlab.bench import (
     BenchOptions,
     Result,
     Traffic,
+    _alloc,
+    _bn,
     floor_op,
     geomean_ratios,
     plot_ratios,
     run_cases,
     time_many,
 )
-from normlab.bench import _alloc, _bn
 from normlab.bench._model import model_cases
 from normlab.cli import app
 from normlab.perf import tune_cpu_allocator
@@ -87,9 +88,7 @@ def test_model_case_runs_and_starts_from_the_same_loss() -> None:
 
 def test_time_many_and_floor() -> None:
     calls: list[str] = []
-    medians = time_many(
-        [lambda: calls.append("a"), lambda: calls.append("b")], repeats=4, warmup=1
-    )
+    medians = time_many([lambda: calls.append("a"), lambda: calls.append("b")], repeats=4, warmup=1)
     assert len(medians) == 2 and all(m >= 0 for m in medians)
     assert calls.count("a") == calls.count("b") == 5
     assert calls[2:4] == ["a", "b"] and calls[4:6] == ["b", "a"]  # the first side rotates

@@ -10,8 +10,13 @@ import torch
 import normlab.nn as nlnn
 from normlab.functional import batch_norm, batch_norm_train, resolve_kernel
 from normlab.functional._backend import FUSED_MIN_NUMEL
-from normlab.kernels import FusedKernel, batch_norm_act_train, fused_available, fused_forward_eval
-from normlab.kernels import _fused
+from normlab.kernels import (
+    FusedKernel,
+    _fused,
+    batch_norm_act_train,
+    fused_available,
+    fused_forward_eval,
+)
 
 pytestmark = pytest.mark.skipif(
     not fused_available(), reason="no C++ compiler/ninja: the fused kernels cannot be built here"
@@ -26,7 +31,9 @@ def _input(shape: tuple[int, ...], layout: str, dtype: torch.dtype = torch.float
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
     if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        return x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     if layout == "noncontiguous":  # every other column of a wider tensor
         wide = torch.cat([x, x], dim=-1)
         return wide[..., ::2]
@@ -106,7 +113,7 @@ def test_large_mean_has_no_cancellation(layout: str) -> None:
     x = _input((8, 4, 16, 16), "contiguous").copy_(x64)  # fp32, layout below
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y, mean, var, _ = FusedKernel.forward_train(x, None, None, 1e-5)
+    y, _, var, _ = FusedKernel.forward_train(x, None, None, 1e-5)
     xd = x.double()
     ref_var = xd.var(dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
@@ -189,6 +196,10 @@ def test_auto_policy() -> None:
     assert resolve_kernel("auto", big, None).name == "fused"
     assert resolve_kernel("auto", big.bfloat16(), None).name == "fused"
     assert resolve_kernel("auto", big.half(), None).name == "native"
+    short = torch.randn(-(-FUSED_MIN_NUMEL // 196), 4, 7, 7).bfloat16()  # bf16 NCHW, 7x7 planes
+    assert resolve_kernel("auto", short, None).name == "native"
+    nhwc = short.contiguous(memory_format=torch.channels_last)
+    assert resolve_kernel("auto", nhwc, None).name == "fused"
     assert resolve_kernel("auto", torch.randn(8, 16), None).name == "native"
     mask = torch.ones(big.shape[0], dtype=torch.bool)
     assert resolve_kernel("auto", big, mask).name == "reference"
@@ -200,7 +211,7 @@ def test_falls_back_to_native_without_compiler(monkeypatch: pytest.MonkeyPatch) 
     big = torch.randn(FUSED_MIN_NUMEL // 16, 16)
     assert resolve_kernel("auto", big, None).name == "native"
     x = _input((4, 3, 5, 5), "contiguous")
-    y, mean, var, invstd = FusedKernel.forward_train(x, None, None, 1e-5)
+    y, mean, _, invstd = FusedKernel.forward_train(x, None, None, 1e-5)
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
     dx, _, _ = FusedKernel.backward_train(
         torch.ones_like(x), x, None, mean, invstd, (True, False, False)

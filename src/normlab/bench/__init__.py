@@ -17,6 +17,7 @@ from ._core import (
     floor_op,
     geomean_ratios,
     run_cases,
+    time_many,
     time_pair,
 )
 from ._model import model_cases
@@ -52,5 +53,6 @@ __all__ = [
     "module_cases",
     "plot_ratios",
     "run_cases",
+    "time_many",
     "time_pair",
 ]

@@ -21,7 +21,14 @@ from ..functional import update_running_stats_
 from ..kernels import batch_norm_act_train, fused_forward_eval
 from ._core import BenchOptions, Case, Traffic
 
-__all__ = ["RESNET50_SHAPES", "act_cases", "bn_cases", "make_input", "module_cases", "variant_cases"]
+__all__ = [
+    "RESNET50_SHAPES",
+    "act_cases",
+    "bn_cases",
+    "make_input",
+    "module_cases",
+    "variant_cases",
+]
 
 Shape = tuple[int, ...]
 Config = tuple[Shape, str, torch.dtype]
@@ -61,7 +68,9 @@ def make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int = 0) -> 
 
 
 def _label(shape: Shape, layout: str, dtype: torch.dtype) -> str:
-    dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype)
+    )
     lay = "NHWC" if layout == "channels_last" else "NCHW" if len(shape) == 4 else "contig"
     return f"{tuple(shape)} {lay} {dt}"
 
@@ -165,7 +174,9 @@ class FusedBatchNormAct2d(torch.nn.BatchNorm2d):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                 self.negative_slope,
             )  # fmt: skip
-        z, mean, var = batch_norm_act_train(x, self.weight, self.bias, self.eps, self.negative_slope)
+        z, mean, var = batch_norm_act_train(
+            x, self.weight, self.bias, self.eps, self.negative_slope
+        )
         n = x.numel() // x.shape[1]
         with torch.no_grad():
             update_running_stats_(

@@ -26,12 +26,12 @@ import torch
 __all__ = [
     "BenchOptions",
     "Case",
-        "Result",
+    "Result",
     "Traffic",
     "floor_op",
     "geomean_ratios",
-    "time_many",
     "run_cases",
+    "time_many",
     "time_pair",
 ]
 

@@ -58,10 +58,12 @@ _KERNELS: dict[str, BatchNormKernel] = {"reference": ReferenceKernel(), "native"
 BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused")
 
 # "auto" uses the fused kernels from this many elements on: below it the call is
-# dominated by fixed costs (the Python autograd.Function, the running-stat update)
-# and a first call would pay the one-off compile for no gain.
-FUSED_MIN_NUMEL = 1 << 16
-# where the fused kernels measured faster than ATen (docs/performance.md)
+# dominated by fixed costs (the Python autograd.Function, the running-stat update,
+# ~80 µs together) and a first call would pay the one-off compile for no gain.
+FUSED_MIN_NUMEL = 1 << 20
+# bf16 NCHW with short spatial runs stays on ATen (measured slower, docs/performance.md)
+FUSED_BF16_MIN_SPATIAL = 1024
+# where the fused kernels measured faster than ATen
 _FUSED_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -74,20 +76,25 @@ register_kernel("fused", FusedKernel())
 
 
 def _prefer_fused(x: Tensor) -> bool:
-    """``"auto"``'s choice of the fused kernels: CPU, fp32/bf16, not tiny, eager, compiled OK.
+    """``"auto"``'s choice of the fused kernels: CPU, fp32/bf16, not tiny, eager, compiled OK
+    (and, for bf16 NCHW, spatial planes of at least ``FUSED_BF16_MIN_SPATIAL``).
 
     Under ``torch.compile`` Inductor generates its own batch norm from ATen's, so
     the graph keeps ``native``. Where the kernels cannot be compiled,
     :func:`~normlab.kernels.fused_available` is ``False`` (said once at debug
     level) and ATen serves — never a failure where ``native`` works.
     """
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _FUSED_AUTO_DTYPES
-        and x.numel() >= FUSED_MIN_NUMEL
-        and not torch.compiler.is_compiling()
-        and fused_available()
-    )
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in _FUSED_AUTO_DTYPES
+        or x.numel() < FUSED_MIN_NUMEL
+        or torch.compiler.is_compiling()
+    ):
+        return False
+    nchw_bf16 = x.dtype == torch.bfloat16 and x.dim() > 2 and x.is_contiguous()  # (N, C, S)
+    if nchw_bf16 and x.numel() // (x.shape[0] * x.shape[1]) < FUSED_BF16_MIN_SPATIAL:
+        return False
+    return fused_available()
 
 
 def _under_functorch(x: Tensor) -> bool:
