@@ -155,6 +155,23 @@ template <typename T, bool ACT>
 inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T> dm, acc_t<T> scale,
                           acc_t<T> beta, acc_t<T> slope) {
   using A = acc_t<T>;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // short runs (7x7 planes): a masked tail, not a scalar loop
+    const __m512 sh = _mm512_set1_ps(shift), d = _mm512_set1_ps(dm), sc = _mm512_set1_ps(scale);
+    const __m512 b = _mm512_set1_ps(beta), sl = _mm512_set1_ps(slope);
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh), d);
+      __m512 v = _mm512_fmadd_ps(xc, sc, b);
+      if constexpr (ACT) {
+        const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+        v = _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, sl), v);
+      }
+      _mm512_mask_storeu_ps(y + i, m, v);
+    }
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     A v = ((load(x[i]) - shift) - dm) * scale + beta;
