@@ -236,3 +236,39 @@ def test_compile_failure_is_logged_once_at_debug(
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert "falling back to 'native'" in caplog.records[0].getMessage()
     assert "no C++ compiler" in caplog.records[0].getMessage()
+
+
+# above the 8 MB streaming-store threshold: planes of 49 (straddling vectors), 961, 2209
+STREAMED = [(64, 700, 7, 7), (8, 300, 31, 31), (16, 64, 47, 47)]
+
+
+@pytest.mark.parametrize("shape", STREAMED, ids=str)
+def test_eval_streamed(shape: tuple[int, ...]) -> None:
+    """Eval outputs written with streaming stores, planes not a multiple of the vector width."""
+    x = _input(shape, "contiguous")
+    c = shape[1]
+    rm, rv, w, b = torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    y = fused_forward_eval(x, rm, rv, w, b, 1e-5)
+    torch.testing.assert_close(
+        y, torch.nn.functional.batch_norm(x, rm, rv, w, b), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_streamed(layout: str, dtype: torch.dtype) -> None:
+    """Train forward/backward on outputs large enough for streaming stores, vs torch."""
+    x = _input((4, 32, 128, 136), layout, dtype)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    y, mean, _, invstd = FusedKernel.forward_train(x, w, b, 1e-5)
+    yr = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, yr, rtol=tol, atol=tol)
+    dy = torch.randn_like(x)
+    dx, dw, db = FusedKernel.backward_train(dy, x, w, mean, invstd, (True, True, True))
+    dxr, dwr, dbr = torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, None, None, mean, invstd, True, 1e-5, [True, True, True]
+    )
+    torch.testing.assert_close(dx, dxr, rtol=tol * 10, atol=tol * 10)
+    torch.testing.assert_close(dw, dwr, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(db, dbr, rtol=1e-3, atol=1e-2)

@@ -261,6 +261,39 @@ inline void normalize_stream(const T* x, T* y, int64_t len, const float* shift, 
   for (; i < len; ++i) one(i);
 }
 
+// Eval on NCS with short planes: runs j0..j1 (run j = (n, c = j % C), S values each) are
+// contiguous, so the thread streams whole aligned vectors across run boundaries; a
+// vector that straddles two runs blends the two channels' parameters (S >= 16).
+template <bool ACT>
+inline void eval_ncs_stream(const float* x, float* y, int64_t j0, int64_t j1, int64_t S, int64_t C,
+                            const float* mean, const float* scale, const float* beta, float slope) {
+  const int64_t end = j1 * S;
+  int64_t p = j0 * S, j = j0;
+  auto one = [&](int64_t q) {
+    while (q >= (j + 1) * S) ++j;
+    const int64_t c = j % C;
+    y[q] = act1<ACT>((x[q] - mean[c]) * scale[c] + beta[c], slope);
+  };
+  for (; p < end && (reinterpret_cast<uintptr_t>(y + p) & 63); ++p) one(p);
+  const __m512 vsl = _mm512_set1_ps(slope);
+  for (; p + 16 <= end; p += 16) {
+    while (p >= (j + 1) * S) ++j;
+    const int64_t c = j % C, next = (j + 1) * S;
+    __m512 m = _mm512_set1_ps(mean[c]), sc = _mm512_set1_ps(scale[c]), b = _mm512_set1_ps(beta[c]);
+    if (next < p + 16) {
+      const int64_t c2 = (j + 1) % C;
+      const __mmask16 hi = __mmask16(0xFFFFu << (next - p));
+      m = _mm512_mask_blend_ps(hi, m, _mm512_set1_ps(mean[c2]));
+      sc = _mm512_mask_blend_ps(hi, sc, _mm512_set1_ps(scale[c2]));
+      b = _mm512_mask_blend_ps(hi, b, _mm512_set1_ps(beta[c2]));
+    }
+    const __m512 xc = _mm512_sub_ps(_mm512_loadu_ps(x + p), m);
+    _mm512_stream_ps(y + p, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
+  }
+  for (; p < end; ++p) one(p);
+  _mm_sfence();
+}
+
 // dx[i] = k1 * g + k2 * (x - mean) + k3, g = dy (leaky-ReLU-masked with ACT)
 template <bool ACT>
 inline void grad_input_stream(const float* dy, const float* x, float* dx, int64_t len, const float* mean,
@@ -680,6 +713,16 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   // NCS: one (n, c) run of S values per item; ROWS: one row of C channels per item
   const int64_t items = ncs ? N * C : N * S, len = ncs ? S : C, cs = ncs ? 0 : 1;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(len, 1));
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (ncs && !stream && S >= 16 && y.numel() * int64_t(sizeof(float)) > kStreamBytes) {
+      at::parallel_for(0, items, grain, [&](int64_t j0, int64_t j1) {
+        eval_ncs_stream<ACT>(px, py, j0, j1, S, C, m.data(), s.data(), b.data(), float(slope));
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, items, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t c = ncs ? j % C : 0;
