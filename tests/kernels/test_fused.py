@@ -256,9 +256,10 @@ def test_eval_streamed(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_train_streamed(layout: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("shape", [(4, 32, 128, 136), (96, 32, 28, 28)], ids=str)
+def test_train_streamed(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> None:
     """Train forward/backward on outputs large enough for streaming stores, vs torch."""
-    x = _input((4, 32, 128, 136), layout, dtype)
+    x = _input(shape, layout, dtype)
     w, b = torch.rand(32) + 0.5, torch.randn(32)
     y, mean, _, invstd = FusedKernel.forward_train(x, w, b, 1e-5)
     yr = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)

@@ -335,12 +335,14 @@ constexpr bool kStreamBf16 = false;
 
 // Streaming pays off only when whole cache lines are written by vector stores: a
 // partial line (unaligned head/tail of a short run) written with streaming stores
-// next to regular ones costs far more than it saves. So: long NCS runs, or rows
-// that are a whole number of 64-byte lines.
+// next to regular ones costs far more than it saves. So: long NCS runs, or runs
+// (planes, rows) that are a whole number of 64-byte lines.
 template <typename T>
 bool use_stream(const Tensor& out, const Shape& sh) {
   constexpr bool can = std::is_same_v<T, float> || (std::is_same_v<T, c10::BFloat16> && kStreamBf16);
-  const bool whole_lines = sh.layout == Layout::NCS ? sh.S >= 1024 : (sh.C * int64_t(sizeof(T))) % 64 == 0;
+  const int64_t run = sh.layout == Layout::NCS ? sh.S : sh.C;  // values between channel changes
+  const bool line_multiple = (run * int64_t(sizeof(T))) % 64 == 0;
+  const bool whole_lines = sh.layout == Layout::NCS ? sh.S >= 1024 || (line_multiple && sh.S >= 64) : line_multiple;
   return kHaveStream && can && whole_lines && out.numel() * int64_t(sizeof(T)) > kStreamBytes;
 }
 
