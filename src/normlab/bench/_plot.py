@@ -12,7 +12,9 @@ __all__ = ["plot_ratios"]
 _COLORS = {"train fwd": "tab:blue", "train fwd+bwd": "tab:orange", "eval fwd": "tab:green"}
 
 
-def plot_ratios(results: Sequence[Result], path: Path, title: str = "normlab bench") -> Path:
+def plot_ratios(
+    results: Sequence[Result], path: Path, title: str = "normlab bench", dpi: int = 72
+) -> Path:
     """Write a bar chart of every result's ratio to ``path`` (format from its suffix)."""
     import matplotlib
 
@@ -30,6 +32,6 @@ def plot_ratios(results: Sequence[Result], path: Path, title: str = "normlab ben
     ax.set_xlabel("time ratio normlab / baseline (same run; < 1 is faster)")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
