@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -48,37 +49,101 @@ def bench(
     repeats: Annotated[
         int, typer.Option(min=3, help="Timed repeats per side (median reported).")
     ] = 20,
+    tune_allocator: Annotated[
+        bool,
+        typer.Option(
+            help="Keep large blocks in the process (normlab.perf.tune_cpu_allocator); "
+            "applies to torch and normlab alike."
+        ),
+    ] = True,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON.")
     ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Also plot the ratios per case (png/svg/pdf).")
+    ] = None,
 ) -> None:
-    """Time normlab against torch in the same process: ratio = normlab / torch (< 1 is faster)."""
+    """Time normlab against torch in the same process: ratio = normlab / torch (< 1 is faster).
+
+    Efficiency columns: the op's minimum memory traffic priced at the floors measured in
+    this run (copy into a preallocated tensor; read-only sum) ÷ its time.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import SUITES, BenchOptions, run_cases
+    from .bench import (
+        RESULT_SUITES,
+        SUITES,
+        BenchOptions,
+        geomean_ratios,
+        plot_ratios,
+        run_cases,
+    )
+    from .functional import BACKENDS
 
-    names = suite or list(SUITES)
-    unknown = [n for n in names if n not in SUITES]
+    available = [*SUITES, *RESULT_SUITES]
+    names = suite or available
+    unknown = [n for n in names if n not in available]
     if unknown:
-        raise typer.BadParameter(f"unknown suite(s) {unknown}; available: {', '.join(SUITES)}")
-    options = BenchOptions(quick=quick, repeats=repeats, backend=backend)
+        raise typer.BadParameter(f"unknown suite(s) {unknown}; available: {', '.join(available)}")
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    allocator = "default"
+    if tune_allocator:
+        from .perf import tune_cpu_allocator
+
+        settings = tune_cpu_allocator()
+        allocator = "tuned" if settings.applied else f"default ({settings.reason})"
+    options = BenchOptions(
+        quick=quick, repeats=repeats, backend=backend, tune_allocator=tune_allocator
+    )
     console = Console(stderr=True)
     results = []
     for name in names:
+        if name in RESULT_SUITES:
+            with console.status(f"timing {name} (child processes)"):
+                results += RESULT_SUITES[name](options)
+            continue
         cases = SUITES[name](options)
         with console.status(f"timing {name} ({len(cases)} cases)") as status:
             results += run_cases(cases, options, lambda c: status.update(f"{c.name} {c.mode}"))
-    table = Table(title=f"normlab bench (backend={backend}, median of {repeats})")
-    for col in ("suite", "case", "mode", "baseline ms", "normlab ms", "ratio"):
-        table.add_column(col, justify="right" if "ms" in col or col == "ratio" else "left")
+    title = f"normlab bench (backend={backend}, allocator {allocator}, median of {repeats})"
+    table = Table(title=title)
+    columns = ("suite", "case", "mode", "baseline", "base ms", "normlab ms", "ratio")
+    for col in (*columns, "base eff", "normlab eff"):
+        table.add_column(col, justify="right" if col not in columns[:4] else "left")
+
+    def eff(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
+
     for r in results:
         table.add_row(
-            r.suite, r.name, r.mode, f"{r.baseline_ms:.3f}", f"{r.normlab_ms:.3f}", f"{r.ratio:.2f}"
+            r.suite,
+            r.name,
+            r.mode,
+            r.baseline_label,
+            f"{r.baseline_ms:.3f}",
+            f"{r.normlab_ms:.3f}",
+            f"{r.ratio:.2f}",
+            eff(r.baseline_eff),
+            eff(r.normlab_eff),
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for name in names:
+        for mode in ("train fwd", "train fwd+bwd", "eval fwd"):
+            rows = [r for r in results if r.suite == name and r.mode == mode]
+            fp32 = [r for r in rows if "fp32" in r.name]
+            if rows:
+                typer.echo(
+                    f"{name} {mode}: geometric-mean ratio {geomean_ratios(rows):.3f} "
+                    f"(fp32 only: {geomean_ratios(fp32):.3f}), max {max(r.ratio for r in rows):.3f}"
+                )
     if json_path is not None:
-        json_path.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+        meta = {"backend": backend, "allocator": allocator, "repeats": repeats, "quick": quick}
+        payload = {"meta": meta, "results": [r.as_dict() for r in results]}
+        json_path.write_text(json.dumps(payload, indent=2))
+    if plot_path is not None:
+        plot_ratios(results, plot_path, title)
 
 
 def main() -> None:

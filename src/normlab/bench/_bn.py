@@ -1,31 +1,52 @@
-"""Benchmark cases: normlab ``BatchNorm*`` against ``torch.nn.BatchNorm*`` on the same input."""
+"""Benchmark cases: normlab's batch norm against torch's on the same input.
+
+Suites (each ``BenchOptions -> list[Case]``):
+
+* ``batchnorm`` — ``normlab.nn.BatchNorm*`` vs ``torch.nn.BatchNorm*`` on the
+  ResNet-50 stage shapes at batch 32, plus ``(N, C, L)`` and ``(N, F)``; NCHW and
+  channels_last; fp32 and bf16; train fwd, train fwd+bwd, eval fwd.
+* ``act`` — BN + leaky ReLU as one fused op vs torch ``BatchNorm2d`` + ``LeakyReLU``.
+* ``variants`` — Renorm / Ghost vs normlab's own ``BatchNorm2d`` (when installed).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from .. import nn as nlnn
-from ._core import BenchOptions, Case
+from ..functional import update_running_stats_
+from ..kernels import batch_norm_act_train, fused_forward_eval
+from ._core import BenchOptions, Case, Traffic
 
-__all__ = ["bn_cases", "module_cases"]
+__all__ = [
+    "RESNET50_SHAPES",
+    "act_cases",
+    "bn_cases",
+    "make_input",
+    "module_cases",
+    "variant_cases",
+]
 
-_FULL_SHAPES: list[tuple[tuple[int, ...], str, torch.dtype]] = [
-    ((256, 512), "contiguous", torch.float32),
-    ((64, 128, 100), "contiguous", torch.float32),
-    ((32, 64, 56, 56), "contiguous", torch.float32),
-    ((32, 64, 56, 56), "channels_last", torch.float32),
-    ((32, 256, 14, 14), "contiguous", torch.float32),
-    ((8, 32, 16, 16, 16), "contiguous", torch.float32),
-    ((32, 64, 56, 56), "contiguous", torch.bfloat16),
+Shape = tuple[int, ...]
+Config = tuple[Shape, str, torch.dtype]
+
+# ResNet-50's batch-norm inputs per stage at batch 32 (stem, conv2_x … conv5_x outputs)
+RESNET50_SHAPES: list[Shape] = [
+    (32, 64, 112, 112),
+    (32, 256, 56, 56),
+    (32, 512, 28, 28),
+    (32, 1024, 14, 14),
+    (32, 2048, 7, 7),
 ]
-_QUICK_SHAPES = [
-    _FULL_SHAPES[0],
-    _FULL_SHAPES[1],
-    (((16, 64, 28, 28)), "contiguous", torch.float32),
-    ((16, 64, 28, 28), "channels_last", torch.float32),
-]
+_EXTRA_SHAPES: list[Shape] = [(32, 256, 784), (4096, 1024)]  # (N, C, L), (N, F)
+_QUICK_SHAPES: list[Shape] = [(16, 64, 56, 56), (16, 512, 14, 14), (32, 128, 256), (1024, 512)]
+_DTYPES = (torch.float32, torch.bfloat16)
+
+# minimum traffic in units of the input tensor: (read+write pairs, extra reads)
+TRAFFIC = {"train fwd": (1, 1), "train fwd+bwd": (2, 4), "eval fwd": (1, 0)}
 
 _TORCH_BN = {
     2: torch.nn.BatchNorm1d,
@@ -36,9 +57,7 @@ _TORCH_BN = {
 _OURS_BN = {2: nlnn.BatchNorm1d, 3: nlnn.BatchNorm1d, 4: nlnn.BatchNorm2d, 5: nlnn.BatchNorm3d}
 
 
-def make_input(
-    shape: tuple[int, ...], layout: str, dtype: torch.dtype, seed: int = 0
-) -> torch.Tensor:
+def make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int = 0) -> Tensor:
     """A standard-normal input in the requested layout (``contiguous`` or ``channels_last``)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype)
@@ -48,10 +67,24 @@ def make_input(
     return x
 
 
-def _label(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> str:
-    dt = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
-    lay = "NHWC" if layout == "channels_last" else "contig"
+def _label(shape: Shape, layout: str, dtype: torch.dtype) -> str:
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype)
+    )
+    lay = "NHWC" if layout == "channels_last" else "NCHW" if len(shape) == 4 else "contig"
     return f"{tuple(shape)} {lay} {dt}"
+
+
+def configs(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Config]:
+    """(shape, layout, dtype) triples: every 4-D shape in both layouts, every shape in fp32 and bf16."""
+    if shapes is None:
+        shapes = _QUICK_SHAPES if options.quick else [*RESNET50_SHAPES, *_EXTRA_SHAPES]
+    out: list[Config] = []
+    for dtype in _DTYPES:
+        for shape in shapes:
+            for layout in ("contiguous", "channels_last") if len(shape) == 4 else ("contiguous",):
+                out.append((tuple(shape), layout, dtype))
+    return out
 
 
 def module_cases(
@@ -59,7 +92,10 @@ def module_cases(
     label: str,
     baseline: torch.nn.Module,
     candidate: torch.nn.Module,
-    x: torch.nn.Parameter | torch.Tensor,
+    x: Tensor,
+    *,
+    baseline_label: str = "torch",
+    modes: Sequence[str] = tuple(TRAFFIC),
 ) -> list[Case]:
     """Train fwd, train fwd+bwd and eval fwd cases for two modules on the same input."""
     xg = x.detach().clone().requires_grad_(True)
@@ -87,21 +123,109 @@ def module_cases(
         for m in (baseline, candidate):
             m.zero_grad(set_to_none=True)
 
-    return [
-        Case(suite, label, "train fwd", fwd(baseline, True), fwd(candidate, True)),
-        Case(suite, label, "train fwd+bwd", fwd_bwd(baseline), fwd_bwd(candidate), setup=zero),
-        Case(suite, label, "eval fwd", fwd(baseline, False), fwd(candidate, False)),
-    ]
+    make = {
+        "train fwd": lambda: (fwd(baseline, True), fwd(candidate, True), None),
+        "train fwd+bwd": lambda: (fwd_bwd(baseline), fwd_bwd(candidate), zero),
+        "eval fwd": lambda: (fwd(baseline, False), fwd(candidate, False), None),
+    }
+    cases = []
+    for mode in modes:
+        base, cand, setup = make[mode]()
+        copies, reads = TRAFFIC[mode]
+        cases.append(
+            Case(
+                suite,
+                label,
+                mode,
+                base,
+                cand,
+                setup=setup,
+                traffic=Traffic(x, copies, reads),
+                baseline_label=baseline_label,
+            )
+        )
+    return cases
 
 
-def bn_cases(options: BenchOptions) -> list[Case]:
+def bn_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
     """normlab BatchNorm (``backend=options.backend``) vs torch BatchNorm, per shape/layout/dtype."""
     cases: list[Case] = []
-    for shape, layout, dtype in _QUICK_SHAPES if options.quick else _FULL_SHAPES:
+    for shape, layout, dtype in configs(options, shapes):
         x = make_input(shape, layout, dtype)
-        ndim = len(shape)
-        ref = _TORCH_BN[ndim](shape[1])
-        ours = _OURS_BN[ndim](shape[1], backend=options.backend)
+        ref = _TORCH_BN[len(shape)](shape[1])
+        ours = _OURS_BN[len(shape)](shape[1], backend=options.backend)
         ours.load_state_dict(ref.state_dict())
         cases += module_cases("batchnorm", _label(shape, layout, dtype), ref, ours, x)
+    return cases
+
+
+class FusedBatchNormAct2d(torch.nn.BatchNorm2d):
+    """BN + leaky ReLU on normlab's one-pass fused kernels (the benchmark's stand-in for
+    ``normlab.nn.BatchNormAct2d`` where that layer is not installed)."""
+
+    def __init__(self, num_features: int, negative_slope: float = 0.01) -> None:
+        super().__init__(num_features)
+        self.negative_slope = negative_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.running_mean is not None and self.running_var is not None
+        if not self.training:
+            return fused_forward_eval(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                self.negative_slope,
+            )  # fmt: skip
+        z, mean, var = batch_norm_act_train(
+            x, self.weight, self.bias, self.eps, self.negative_slope
+        )
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            update_running_stats_(
+                self.running_mean, self.running_var, mean, var * (n / (n - 1)), self.momentum or 0.1
+            )
+        return z
+
+
+def _bn_act(channels: int, negative_slope: float) -> torch.nn.Module:
+    layer = getattr(nlnn, "BatchNormAct2d", None)
+    if layer is None:
+        return FusedBatchNormAct2d(channels, negative_slope)
+    module: torch.nn.Module = layer(
+        channels, activation="leaky_relu", negative_slope=negative_slope
+    )
+    return module
+
+
+def act_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
+    """BN + LeakyReLU(0.01): normlab's fused layer vs torch ``BatchNorm2d`` + ``LeakyReLU``."""
+    cases: list[Case] = []
+    for shape, layout, dtype in configs(options, shapes):
+        if len(shape) != 4:
+            continue
+        x = make_input(shape, layout, dtype)
+        ref = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), torch.nn.LeakyReLU(0.01))
+        ours = _bn_act(shape[1], 0.01)
+        cases += module_cases("act", _label(shape, layout, dtype), ref, ours, x)
+    return cases
+
+
+def variant_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
+    """Renorm and Ghost (when ``normlab.nn`` has them) vs normlab's own ``BatchNorm2d``."""
+    cases: list[Case] = []
+    variants = [
+        (name, getattr(nlnn, name))
+        for name in ("BatchRenorm2d", "GhostBatchNorm2d")
+        if hasattr(nlnn, name)
+    ]
+    for shape, layout, dtype in configs(options, shapes):
+        if len(shape) != 4:
+            continue
+        x = make_input(shape, layout, dtype)
+        for name, layer in variants:
+            base = nlnn.BatchNorm2d(shape[1], backend=options.backend)
+            cand = layer(shape[1], backend=options.backend)
+            label = f"{name} {_label(shape, layout, dtype)}"
+            cases += module_cases(
+                "variants", label, base, cand, x, baseline_label="normlab BN",
+                modes=("train fwd", "train fwd+bwd"),
+            )  # fmt: skip
     return cases

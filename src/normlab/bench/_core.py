@@ -3,17 +3,37 @@
 Timings on a shared machine are noisy, so every figure is a *ratio* of two
 callables measured in the same process, interleaved (torch, normlab, torch, …)
 so that drift in machine load hits both alike.
+
+Bandwidth efficiency: batch norm is memory-bound, so each case may declare its
+minimum traffic (:class:`Traffic`: read+write pairs and extra reads of a tensor
+like its input). The floor time of that traffic is measured in the same run — a
+copy into a preallocated tensor for a read+write pair, a ``sum`` for a read — and
+efficiency = floor time / measured time (1.0: at the floor; above 1.0 means the
+op beat the floor, e.g. by re-reading from cache or streaming its stores).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["BenchOptions", "Case", "Result", "run_cases", "time_pair"]
+import torch
+
+__all__ = [
+    "BenchOptions",
+    "Case",
+    "Result",
+    "Traffic",
+    "floor_op",
+    "geomean_ratios",
+    "run_cases",
+    "time_many",
+    "time_pair",
+]
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,22 @@ class BenchOptions:
     repeats: int = 20
     warmup: int = 3
     backend: str = "auto"
+    tune_allocator: bool = True
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Minimum memory traffic of an op in units of the tensor ``like``.
+
+    ``copies`` read+write pairs (priced at the copy floor) plus ``reads`` extra
+    reads (priced at the reduction floor). Train forward: 1 copy + 1 read (read x
+    for the statistics, read it again and write y); eval: 1 copy. The floor is
+    timed interleaved with the two sides of its case, so load drift hits all three.
+    """
+
+    like: torch.Tensor
+    copies: int
+    reads: int = 0
 
 
 @dataclass
@@ -31,8 +67,8 @@ class Case:
     """One row of the table: a torch baseline and a normlab candidate doing the same work.
 
     ``setup`` (optional) runs before each timed call of either side, untimed
-    (e.g. zeroing gradients). ``bytes_moved`` is the minimum traffic of the op,
-    for bandwidth figures.
+    (e.g. zeroing gradients). ``traffic`` is the minimum memory traffic of the op,
+    for the bandwidth-efficiency columns.
     """
 
     suite: str
@@ -41,7 +77,7 @@ class Case:
     baseline: Callable[[], Any]
     candidate: Callable[[], Any]
     setup: Callable[[], Any] | None = None
-    bytes_moved: int | None = None
+    traffic: Traffic | None = None
     baseline_label: str = "torch"
 
 
@@ -55,6 +91,9 @@ class Result:
     ratio: float
     repeats: int
     baseline_label: str = "torch"
+    floor_ms: float | None = None
+    baseline_eff: float | None = None
+    normlab_eff: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,6 +108,26 @@ def _timed(fn: Callable[[], Any], setup: Callable[[], Any] | None) -> float:
     return time.perf_counter() - start
 
 
+def time_many(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    setup: Callable[[], Any] | None = None,
+) -> list[float]:
+    """Median seconds of each callable, measured round-robin (the starting one rotates)."""
+    for _ in range(warmup):
+        for fn in fns:
+            _timed(fn, setup)
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(repeats):
+        # rotate which side goes first, so none always runs on a warmer cache
+        for k in range(len(fns)):
+            j = (i + k) % len(fns)
+            times[j].append(_timed(fns[j], setup))
+    return [statistics.median(t) for t in times]
+
+
 def time_pair(
     baseline: Callable[[], Any],
     candidate: Callable[[], Any],
@@ -78,20 +137,29 @@ def time_pair(
     setup: Callable[[], Any] | None = None,
 ) -> tuple[float, float]:
     """Median seconds of ``baseline`` and ``candidate``, measured alternately."""
-    for _ in range(warmup):
-        _timed(baseline, setup)
-        _timed(candidate, setup)
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(repeats):
-        # alternate which side goes first, so neither always runs on a warmer cache
-        if i % 2 == 0:
-            a.append(_timed(baseline, setup))
-            b.append(_timed(candidate, setup))
-        else:
-            b.append(_timed(candidate, setup))
-            a.append(_timed(baseline, setup))
-    return statistics.median(a), statistics.median(b)
+    base, cand = time_many([baseline, candidate], repeats=repeats, warmup=warmup, setup=setup)
+    return base, cand
+
+
+def floor_op(traffic: Traffic) -> Callable[[], Any]:
+    """The floor's own work: ``copies`` copies into a preallocated tensor, ``reads`` sums."""
+    like = traffic.like
+    out = torch.empty_like(like)
+
+    def run() -> None:
+        for _ in range(traffic.copies):
+            out.copy_(like)
+        for _ in range(traffic.reads):
+            like.sum()
+
+    return run
+
+
+def geomean_ratios(results: Sequence[Result]) -> float:
+    """Geometric mean of the ratios (nan when empty)."""
+    if not results:
+        return math.nan
+    return math.exp(sum(math.log(r.ratio) for r in results) / len(results))
 
 
 def run_cases(
@@ -104,13 +172,13 @@ def run_cases(
     for case in cases:
         if progress is not None:
             progress(case)
-        base, cand = time_pair(
-            case.baseline,
-            case.candidate,
-            repeats=options.repeats,
-            warmup=options.warmup,
-            setup=case.setup,
+        fns = [case.baseline, case.candidate]
+        if case.traffic is not None:  # the floor runs interleaved with both sides
+            fns.append(floor_op(case.traffic))
+        base, cand, *rest = time_many(
+            fns, repeats=options.repeats, warmup=options.warmup, setup=case.setup
         )
+        floor = rest[0] if rest else None
         results.append(
             Result(
                 case.suite,
@@ -121,6 +189,9 @@ def run_cases(
                 cand / base,
                 options.repeats,
                 case.baseline_label,
+                floor_ms=None if floor is None else floor * 1e3,
+                baseline_eff=None if floor is None else floor / base,
+                normlab_eff=None if floor is None else floor / cand,
             )
         )
     return results

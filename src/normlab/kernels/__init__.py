@@ -3,9 +3,21 @@
 A kernel is any object with the three static methods of
 :class:`normlab.functional.BatchNormKernel` (``forward_train``, ``backward_train``,
 ``forward_eval``), channel axis 1. ``native`` wraps ATen; the performance work
-adds ``fused`` here. Kernels never import from the rest of normlab.
+adds ``fused`` (C++/OpenMP, JIT-compiled on first use) here. Kernels never import from the rest of normlab.
 """
 
+from ._fused import (
+    FusedKernel,
+    batch_norm_act_train,
+    fused_available,
+    fused_forward_eval,
+)
 from ._native import NativeKernel
 
-__all__ = ["NativeKernel"]
+__all__ = [
+    "FusedKernel",
+    "NativeKernel",
+    "batch_norm_act_train",
+    "fused_available",
+    "fused_forward_eval",
+]

@@ -1,0 +1,789 @@
+// normlab's fused CPU batch norm: train forward, train backward, eval forward (+ optional leaky ReLU).
+//
+// Two memory layouts, chosen from the input's strides (see `layout_of`):
+//   * NCS  — (N, C, S) contiguous (NCHW, NCL, NCDHW with S = prod(spatial) > 1).
+//            Work is split over channels; one channel's N*S values are read once
+//            from memory for the statistics and then again, mostly from L2, to
+//            normalize (a channel of (32, 64, 112, 112) fp32 is 1.6 MB).
+//   * ROWS — (M, C) contiguous with C fastest ((N, C) input, channels_last,
+//            channels_last_3d, or NCS with S == 1). Work is split over rows; each
+//            thread keeps per-channel accumulators that are merged at the end.
+//
+// Numerics (normlab's contract): statistics are sums of *shifted* values
+// d = x - x0 (x0: the channel's first value), accumulated in float over short
+// chunks and in double across chunks, so var = E[d^2] - E[d]^2 has no
+// catastrophic cancellation even for data like 1e4 + N(0, 1). Outputs are
+// formed as (x - mean) * scale + beta, never x * scale + shift, for the same
+// reason. Statistics come back in float for fp32/bf16/fp16 input, double for
+// double input.
+//
+// Backward (n values per channel, xc = x - mean):
+//   dbeta  = sum(dy),  dgamma = invstd * sum(dy * xc)
+//   dx     = k1 * dy + k2 * xc + k3,  k1 = gamma*invstd,
+//            k2 = -gamma*invstd^2*sum(dy*xc)/n,  k3 = -k1*sum(dy)/n
+// With a leaky-ReLU slope the activation is applied to y in the forward pass and
+// its derivative is recomputed from x in the backward (dy <- dy * (pre > 0 ? 1 : slope)).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kChunk = 256;  // float partial sums over at most this many values
+
+inline float load(const float v) { return v; }
+inline double load(const double v) { return v; }
+// bf16 -> fp32 is a shift; written out so that the compiler vectorizes it
+inline float load(const c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
+inline float load(const c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T store(acc_t<T> v) { return static_cast<T>(v); }
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN), branch-free for vectorization
+template <>
+inline c10::BFloat16 store<c10::BFloat16>(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+enum class Layout { NCS, ROWS };
+
+struct Shape {
+  Layout layout;
+  int64_t N, C, S;  // NCS: (N, C, S); ROWS: M = N * S rows of C
+};
+
+// The layout x is processed in; x may be replaced by a contiguous copy.
+Shape layout_of(Tensor& x) {
+  const int64_t C = x.size(1);
+  const int64_t N = x.size(0);
+  const int64_t S = C > 0 && N > 0 ? x.numel() / (N * C) : 0;
+  if (x.dim() >= 4) {
+    const auto fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    if (!x.is_contiguous() && x.is_contiguous(fmt)) return {Layout::ROWS, N, C, S};
+  }
+  if (!x.is_contiguous()) x = x.contiguous();
+  if (S == 1) return {Layout::ROWS, N, C, 1};
+  return {Layout::NCS, N, C, S};
+}
+
+Tensor like_layout(const Tensor& t, const Tensor& x) {
+  // dy / outputs in x's layout
+  if (x.is_contiguous()) return t.contiguous();
+  const auto fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return t.contiguous(fmt);
+}
+
+// Per-channel parameters (gamma, beta) in double, with defaults.
+std::vector<double> channel_param(const std::optional<Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (t && t->defined()) {
+    auto f = t->to(at::kDouble).contiguous();
+    const double* p = f.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) out[c] = p[c];
+  }
+  return out;
+}
+
+// ---------- reductions over one contiguous run ----------
+// s += sum(x - shift), q += sum((x - shift)^2)
+template <typename T>
+inline void shifted_sums(const T* p, int64_t len, acc_t<T> shift, double& s, double& q) {
+  using A = acc_t<T>;
+  for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+    const int64_t i1 = std::min(len, i0 + kChunk);
+    A cs = 0, cq = 0;
+#pragma omp simd reduction(+ : cs, cq)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A d = load(p[i]) - shift;
+      cs += d;
+      cq += d * d;
+    }
+    s += cs;
+    q += cq;
+  }
+}
+
+// a += sum(g), b += sum(g * (x - mean)) with g = dy (or the leaky-ReLU-masked dy)
+template <typename T, bool ACT>
+inline void grad_sums(const T* dy, const T* x, int64_t len, acc_t<T> mean, acc_t<T> scale, acc_t<T> beta,
+                      acc_t<T> slope, double& a, double& b) {
+  using A = acc_t<T>;
+  for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+    const int64_t i1 = std::min(len, i0 + kChunk);
+    A ca = 0, cb = 0;
+#pragma omp simd reduction(+ : ca, cb)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A xc = load(x[i]) - mean;
+      A g = load(dy[i]);
+      if constexpr (ACT) g = (xc * scale + beta) > 0 ? g : g * slope;
+      ca += g;
+      cb += g * xc;
+    }
+    a += ca;
+    b += cb;
+  }
+}
+
+// y = act(((x - shift) - dm) * scale + beta); mean = shift + dm, split so that x - shift is exact
+template <typename T, bool ACT>
+inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T> dm, acc_t<T> scale,
+                          acc_t<T> beta, acc_t<T> slope) {
+  using A = acc_t<T>;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // short runs (7x7 planes): a masked tail, not a scalar loop
+    const __m512 sh = _mm512_set1_ps(shift), d = _mm512_set1_ps(dm), sc = _mm512_set1_ps(scale);
+    const __m512 b = _mm512_set1_ps(beta), sl = _mm512_set1_ps(slope);
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh), d);
+      __m512 v = _mm512_fmadd_ps(xc, sc, b);
+      if constexpr (ACT) {
+        const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+        v = _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, sl), v);
+      }
+      _mm512_mask_storeu_ps(y + i, m, v);
+    }
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A v = ((load(x[i]) - shift) - dm) * scale + beta;
+    if constexpr (ACT) v = v > 0 ? v : v * slope;
+    y[i] = store<T>(v);
+  }
+}
+
+// dx = k1 * g + k2 * (x - mean) + k3
+template <typename T, bool ACT>
+inline void grad_input_run(const T* dy, const T* x, T* dx, int64_t len, acc_t<T> mean, acc_t<T> scale,
+                           acc_t<T> beta, acc_t<T> slope, acc_t<T> k1, acc_t<T> k2, acc_t<T> k3) {
+  using A = acc_t<T>;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A xc = load(x[i]) - mean;
+    A g = load(dy[i]);
+    if constexpr (ACT) g = (xc * scale + beta) > 0 ? g : g * slope;
+    dx[i] = store<T>(k1 * g + k2 * xc + k3);
+  }
+}
+
+
+// ---------- streaming (non-temporal) stores for fp32 outputs larger than the caches ----------
+// A regular store first reads the destination line (read-for-ownership): an output
+// that will not be re-read from cache costs twice its size in traffic. Streaming
+// stores write it once. Used only for fp32 and outputs above kStreamBytes.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+#if defined(__AVX512F__)
+constexpr bool kHaveStream = true;
+
+template <bool ACT>
+inline __m512 act16(__m512 v, __m512 slope) {
+  if constexpr (ACT) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
+  }
+  return v;
+}
+
+template <bool ACT>
+inline float act1(float v, float slope) {
+  if constexpr (ACT) return v > 0 ? v : v * slope;
+  return v;
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#if defined(__AVX512BF16__)
+constexpr bool kStreamBf16 = true;
+inline void stream16(c10::BFloat16* p, __m512 v) {  // round to nearest even, like store<BFloat16>
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#else
+constexpr bool kStreamBf16 = false;
+inline void stream16(c10::BFloat16*, __m512) {}
+#endif
+
+// y[i] = act(((x[i] - shift[i]) - dm[i]) * scale[i] + beta[i]); per-channel operands are
+// arrays indexed with stride `cs` (0: one channel for the whole run, 1: a row of channels).
+template <typename T, bool ACT>
+inline void normalize_stream(const T* x, T* y, int64_t len, const float* shift, const float* dm,
+                             const float* scale, const float* beta, int64_t cs, float slope) {
+  int64_t i = 0;
+  auto one = [&](int64_t k) {
+    const int64_t c = k * cs;
+    y[k] = store<T>(act1<ACT>(((load(x[k]) - shift[c]) - dm[c]) * scale[c] + beta[c], slope));
+  };
+  for (; i < len && (reinterpret_cast<uintptr_t>(y + i) & 63); ++i) one(i);
+  const __m512 vsl = _mm512_set1_ps(slope);
+  for (; i + 16 <= len; i += 16) {
+    __m512 sh, d, sc, b;
+    if (cs) {
+      sh = _mm512_loadu_ps(shift + i), d = _mm512_loadu_ps(dm + i);
+      sc = _mm512_loadu_ps(scale + i), b = _mm512_loadu_ps(beta + i);
+    } else {
+      sh = _mm512_set1_ps(*shift), d = _mm512_set1_ps(*dm), sc = _mm512_set1_ps(*scale), b = _mm512_set1_ps(*beta);
+    }
+    const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + i), sh), d);
+    stream16(y + i, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
+  }
+  for (; i < len; ++i) one(i);
+}
+
+// Eval on NCS with short planes: runs j0..j1 (run j = (n, c = j % C), S values each) are
+// contiguous, so the thread streams whole aligned vectors across run boundaries; a
+// vector that straddles two runs blends the two channels' parameters (S >= 16).
+template <bool ACT>
+inline void eval_ncs_stream(const float* x, float* y, int64_t j0, int64_t j1, int64_t S, int64_t C,
+                            const float* mean, const float* scale, const float* beta, float slope) {
+  const int64_t end = j1 * S;
+  int64_t p = j0 * S, j = j0;
+  auto one = [&](int64_t q) {
+    while (q >= (j + 1) * S) ++j;
+    const int64_t c = j % C;
+    y[q] = act1<ACT>((x[q] - mean[c]) * scale[c] + beta[c], slope);
+  };
+  for (; p < end && (reinterpret_cast<uintptr_t>(y + p) & 63); ++p) one(p);
+  const __m512 vsl = _mm512_set1_ps(slope);
+  for (; p + 16 <= end; p += 16) {
+    while (p >= (j + 1) * S) ++j;
+    const int64_t c = j % C, next = (j + 1) * S;
+    __m512 m = _mm512_set1_ps(mean[c]), sc = _mm512_set1_ps(scale[c]), b = _mm512_set1_ps(beta[c]);
+    if (next < p + 16) {
+      const int64_t c2 = (j + 1) % C;
+      const __mmask16 hi = __mmask16(0xFFFFu << (next - p));
+      m = _mm512_mask_blend_ps(hi, m, _mm512_set1_ps(mean[c2]));
+      sc = _mm512_mask_blend_ps(hi, sc, _mm512_set1_ps(scale[c2]));
+      b = _mm512_mask_blend_ps(hi, b, _mm512_set1_ps(beta[c2]));
+    }
+    const __m512 xc = _mm512_sub_ps(_mm512_loadu_ps(x + p), m);
+    _mm512_stream_ps(y + p, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
+  }
+  for (; p < end; ++p) one(p);
+  _mm_sfence();
+}
+
+// dx[i] = k1 * g + k2 * (x - mean) + k3, g = dy (leaky-ReLU-masked with ACT)
+template <bool ACT>
+inline void grad_input_stream(const float* dy, const float* x, float* dx, int64_t len, const float* mean,
+                              const float* scale, const float* beta, const float* k1, const float* k2,
+                              const float* k3, int64_t cs, float slope) {
+  int64_t i = 0;
+  auto one = [&](int64_t k) {
+    const int64_t c = k * cs;
+    const float xc = x[k] - mean[c];
+    float g = dy[k];
+    if constexpr (ACT) g = (xc * scale[c] + beta[c]) > 0 ? g : g * slope;
+    dx[k] = k1[c] * g + k2[c] * xc + k3[c];
+  };
+  for (; i < len && (reinterpret_cast<uintptr_t>(dx + i) & 63); ++i) one(i);
+  const __m512 vsl = _mm512_set1_ps(slope);
+  for (; i + 16 <= len; i += 16) {
+    __m512 m, a, b2, c;
+    if (cs) {
+      m = _mm512_loadu_ps(mean + i), a = _mm512_loadu_ps(k1 + i), b2 = _mm512_loadu_ps(k2 + i), c = _mm512_loadu_ps(k3 + i);
+    } else {
+      m = _mm512_set1_ps(*mean), a = _mm512_set1_ps(*k1), b2 = _mm512_set1_ps(*k2), c = _mm512_set1_ps(*k3);
+    }
+    const __m512 xc = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
+    __m512 g = _mm512_loadu_ps(dy + i);
+    if constexpr (ACT) {
+      const __m512 sc = cs ? _mm512_loadu_ps(scale + i) : _mm512_set1_ps(*scale);
+      const __m512 b = cs ? _mm512_loadu_ps(beta + i) : _mm512_set1_ps(*beta);
+      const __mmask16 pos = _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, sc, b), _mm512_setzero_ps(), _CMP_GT_OQ);
+      g = _mm512_mask_blend_ps(pos, _mm512_mul_ps(g, vsl), g);
+    }
+    _mm512_stream_ps(dx + i, _mm512_fmadd_ps(a, g, _mm512_fmadd_ps(b2, xc, c)));
+  }
+  for (; i < len; ++i) one(i);
+}
+#else
+constexpr bool kHaveStream = false;
+constexpr bool kStreamBf16 = false;
+#endif
+
+// Streaming pays off only when whole cache lines are written by vector stores: a
+// partial line (unaligned head/tail of a short run) written with streaming stores
+// next to regular ones costs far more than it saves. So: long NCS runs, or runs
+// (planes, rows) that are a whole number of 64-byte lines.
+template <typename T>
+bool use_stream(const Tensor& out, const Shape& sh) {
+  constexpr bool can = std::is_same_v<T, float> || (std::is_same_v<T, c10::BFloat16> && kStreamBf16);
+  const int64_t run = sh.layout == Layout::NCS ? sh.S : sh.C;  // values between channel changes
+  const bool line_multiple = (run * int64_t(sizeof(T))) % 64 == 0;
+  const bool whole_lines = sh.layout == Layout::NCS ? sh.S >= 1024 || (line_multiple && sh.S >= 64) : line_multiple;
+  return kHaveStream && can && whole_lines && out.numel() * int64_t(sizeof(T)) > kStreamBytes;
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// Per-row variants over C channels, with per-channel arrays.
+template <typename T>
+inline void rows_shifted_sums(const T* x, int64_t rows, int64_t C, const acc_t<T>* shift, double* s,
+                              double* q, acc_t<T>* cs, acc_t<T>* cq) {
+  using A = acc_t<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+    const int64_t r1 = std::min(rows, r0 + 64);
+    std::fill(cs, cs + C, A(0));
+    std::fill(cq, cq + C, A(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* p = x + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A d = load(p[c]) - shift[c];
+        cs[c] += d;
+        cq[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      s[c] += cs[c];
+      q[c] += cq[c];
+    }
+  }
+}
+
+template <typename T, bool ACT>
+inline void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, const acc_t<T>* mean,
+                           const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope, double* a, double* b,
+                           acc_t<T>* ca, acc_t<T>* cb) {
+  using A = acc_t<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+    const int64_t r1 = std::min(rows, r0 + 64);
+    std::fill(ca, ca + C, A(0));
+    std::fill(cb, cb + C, A(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* px = x + r * C;
+      const T* pg = dy + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A xc = load(px[c]) - mean[c];
+        A g = load(pg[c]);
+        if constexpr (ACT) g = (xc * scale[c] + beta[c]) > 0 ? g : g * slope;
+        ca[c] += g;
+        cb[c] += g * xc;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] += ca[c];
+      b[c] += cb[c];
+    }
+  }
+}
+
+template <typename T, bool ACT>
+inline void rows_normalize(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const acc_t<T>* shift,
+                           const acc_t<T>* dm, const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* px = x + r * C;
+    T* py = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      A v = ((load(px[c]) - shift[c]) - dm[c]) * scale[c] + beta[c];
+      if constexpr (ACT) v = v > 0 ? v : v * slope;
+      py[c] = store<T>(v);
+    }
+  }
+}
+
+template <typename T, bool ACT>
+inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
+                            const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope,
+                            const acc_t<T>* k1, const acc_t<T>* k2, const acc_t<T>* k3) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* px = x + r * C;
+    const T* pg = dy + r * C;
+    T* pd = dx + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A xc = load(px[c]) - mean[c];
+      A g = load(pg[c]);
+      if constexpr (ACT) g = (xc * scale[c] + beta[c]) > 0 ? g : g * slope;
+      pd[c] = store<T>(k1[c] * g + k2[c] * xc + k3[c]);
+    }
+  }
+}
+
+// Row-wise reduction over M rows with per-thread accumulators; returns (C,) sums a, b.
+template <typename T, typename F>
+void rows_reduce(int64_t M, int64_t C, std::vector<double>& a, std::vector<double>& b, F body) {
+  const int nt = at::get_num_threads();
+  std::vector<double> pa(static_cast<size_t>(nt) * C, 0.0), pb(static_cast<size_t>(nt) * C, 0.0);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    const int tid = at::get_thread_num();
+    std::vector<acc_t<T>> ca(C), cb(C);
+    body(r0, r1, pa.data() + tid * C, pb.data() + tid * C, ca.data(), cb.data());
+  });
+  a.assign(C, 0.0);
+  b.assign(C, 0.0);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] += pa[t * C + c];
+      b[c] += pb[t * C + c];
+    }
+}
+
+// ====================== train forward ======================
+template <typename T, bool ACT>
+void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
+                        const std::vector<double>& beta, double eps, double slope, Tensor& mean_t, Tensor& var_t,
+                        Tensor& invstd_t) {
+  using A = acc_t<T>;
+  const T* px = x.data_ptr<T>();
+  T* py = y.data_ptr<T>();
+  A* pm = mean_t.data_ptr<A>();
+  A* pv = var_t.data_ptr<A>();
+  A* pi = invstd_t.data_ptr<A>();
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const double n = static_cast<double>(N) * S;
+  const bool stream = use_stream<T>(y, sh);
+  if (sh.layout == Layout::NCS) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A shift = load(px[c * S]);
+        double s = 0, q = 0;
+        for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
+        const double dm = s / n;
+        const double var = std::max(0.0, q / n - dm * dm);
+        const double invstd = 1.0 / std::sqrt(var + eps);
+        const A mean = static_cast<A>(shift + dm);
+        pm[c] = mean;
+        pv[c] = static_cast<A>(var);
+        pi[c] = static_cast<A>(invstd);
+        const A scale = static_cast<A>(gamma[c] * invstd);
+        const A dmean = static_cast<A>(dm);
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t off = (i * C + c) * S;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+            if (stream) {
+              const float bb = static_cast<float>(beta[c]);
+              normalize_stream<T, ACT>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
+              continue;
+            }
+          }
+#endif
+          normalize_run<T, ACT>(px + off, py + off, S, shift, dmean, scale, static_cast<A>(beta[c]),
+                                static_cast<A>(slope));
+        }
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  const int64_t M = N * S;
+  std::vector<A> shift(C), dmean(C), scale(C), bet(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
+  std::vector<double> s, q;
+  rows_reduce<T>(M, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
+    rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double dm = s[c] / n;
+    const double var = std::max(0.0, q[c] / n - dm * dm);
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    dmean[c] = static_cast<A>(dm);
+    pm[c] = static_cast<A>(shift[c] + dm);
+    pv[c] = static_cast<A>(var);
+    pi[c] = static_cast<A>(invstd);
+    scale[c] = static_cast<A>(gamma[c] * invstd);
+    bet[c] = beta[c];
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+      if (stream) {
+        for (int64_t r = r0; r < r1; ++r)
+          normalize_stream<T, ACT>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
+                                float(slope));
+        stream_fence();
+        return;
+      }
+    }
+#endif
+    rows_normalize<T, ACT>(px, py, r0, r1, C, shift.data(), dmean.data(), scale.data(), bet.data(),
+                           static_cast<A>(slope));
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& bias, double eps,
+                                                         std::optional<double> slope) {
+  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
+  Tensor x = input;
+  const Shape sh = layout_of(x);
+  Tensor y = at::empty_like(x);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = x.options().dtype(acc);
+  Tensor mean = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
+    if (slope)
+      forward_train_impl<scalar_t, true>(x, sh, y, gamma, beta, eps, *slope, mean, var, invstd);
+    else
+      forward_train_impl<scalar_t, false>(x, sh, y, gamma, beta, eps, 0.0, mean, var, invstd);
+  });
+  return {y, mean, var, invstd};
+}
+
+// ====================== train backward ======================
+template <typename T, bool ACT>
+void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& gamma,
+                         const std::vector<double>& beta, const Tensor& mean_t, const Tensor& invstd_t, double slope,
+                         Tensor* dx, std::vector<double>& sdy, std::vector<double>& sdyxc) {
+  using A = acc_t<T>;
+  const T* px = x.data_ptr<T>();
+  const T* pg = dy.data_ptr<T>();
+  T* pd = dx ? dx->data_ptr<T>() : nullptr;
+  auto mean64 = mean_t.to(at::kDouble).contiguous();
+  auto inv64 = invstd_t.to(at::kDouble).contiguous();
+  const double* pm = mean64.data_ptr<double>();
+  const double* pi = inv64.data_ptr<double>();
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const double n = static_cast<double>(N) * S;
+  const A sl = static_cast<A>(slope);
+  const bool stream = dx && use_stream<T>(*dx, sh);
+  sdy.assign(C, 0.0);
+  sdyxc.assign(C, 0.0);
+  if (sh.layout == Layout::NCS) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A mean = static_cast<A>(pm[c]);
+        const A scale = static_cast<A>(gamma[c] * pi[c]);
+        double a = 0, b = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t off = (i * C + c) * S;
+          grad_sums<T, ACT>(pg + off, px + off, S, mean, scale, beta[c], sl, a, b);
+        }
+        sdy[c] = a;
+        sdyxc[c] = b;
+        if (!pd) continue;
+        const double k1 = gamma[c] * pi[c];
+        const A k2 = static_cast<A>(-k1 * pi[c] * pi[c] * b / n);
+        const A k3 = static_cast<A>(-k1 * a / n);
+        const A kk1 = static_cast<A>(k1), bb = beta[c];
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t off = (i * C + c) * S;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<T, float>) {
+            if (stream) {
+              grad_input_stream<ACT>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0, sl);
+              continue;
+            }
+          }
+#endif
+          grad_input_run<T, ACT>(pg + off, px + off, pd + off, S, mean, scale, beta[c], sl, static_cast<A>(k1), k2,
+                                 k3);
+        }
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  const int64_t M = N * S;
+  std::vector<A> mean(C), scale(C), bet(C), k1(C), k2(C), k3(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<A>(pm[c]);
+    scale[c] = static_cast<A>(gamma[c] * pi[c]);
+    bet[c] = beta[c];
+  }
+  rows_reduce<T>(M, C, sdy, sdyxc, [&](int64_t r0, int64_t r1, double* pa, double* pb, A* ca, A* cb) {
+    rows_grad_sums<T, ACT>(pg + r0 * C, px + r0 * C, r1 - r0, C, mean.data(), scale.data(), bet.data(), sl, pa, pb,
+                           ca, cb);
+  });
+  if (!pd) return;
+  for (int64_t c = 0; c < C; ++c) {
+    const double kk1 = gamma[c] * pi[c];
+    k1[c] = static_cast<A>(kk1);
+    k2[c] = static_cast<A>(-kk1 * pi[c] * pi[c] * sdyxc[c] / n);
+    k3[c] = static_cast<A>(-kk1 * sdy[c] / n);
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (stream) {
+        for (int64_t r = r0; r < r1; ++r)
+          grad_input_stream<ACT>(pg + r * C, px + r * C, pd + r * C, C, mean.data(), scale.data(), bet.data(),
+                                 k1.data(), k2.data(), k3.data(), 1, sl);
+        stream_fence();
+        return;
+      }
+    }
+#endif
+    rows_grad_input<T, ACT>(pg, px, pd, r0, r1, C, mean.data(), scale.data(), bet.data(), sl, k1.data(), k2.data(),
+                            k3.data());
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const Tensor& input,
+                                                  const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias, const Tensor& mean,
+                                                  const Tensor& invstd, std::optional<double> slope,
+                                                  std::array<bool, 3> needs) {
+  TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
+  Tensor x = input;
+  const Shape sh = layout_of(x);
+  Tensor dy = like_layout(grad_out.to(x.scalar_type()), x);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
+  Tensor dx;
+  if (needs[0]) dx = at::empty_like(x);
+  std::vector<double> sdy, sdyxc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
+    Tensor* out = needs[0] ? &dx : nullptr;
+    if (slope)
+      backward_train_impl<scalar_t, true>(dy, x, sh, gamma, beta, mean, invstd, *slope, out, sdy, sdyxc);
+    else
+      backward_train_impl<scalar_t, false>(dy, x, sh, gamma, beta, mean, invstd, 0.0, out, sdy, sdyxc);
+  });
+  Tensor dw, db;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (needs[1]) {
+    auto inv64 = invstd.to(at::kDouble).contiguous();
+    dw = at::empty({sh.C}, x.options().dtype(at::kDouble));
+    double* p = dw.data_ptr<double>();
+    for (int64_t c = 0; c < sh.C; ++c) p[c] = sdyxc[c] * inv64.data_ptr<double>()[c];
+    dw = dw.to(acc);
+  }
+  if (needs[2]) {
+    db = at::empty({sh.C}, x.options().dtype(at::kDouble));
+    double* p = db.data_ptr<double>();
+    for (int64_t c = 0; c < sh.C; ++c) p[c] = sdy[c];
+    db = db.to(acc);
+  }
+  return {dx, dw, db};
+}
+
+// ====================== eval forward ======================
+template <typename T, bool ACT>
+void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& mean,
+                       const std::vector<double>& scale, const std::vector<double>& beta, double slope) {
+  using A = acc_t<T>;
+  const T* px = x.data_ptr<T>();
+  T* py = y.data_ptr<T>();
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const A sl = static_cast<A>(slope);
+  const bool stream = use_stream<T>(y, sh);
+  std::vector<A> m(C), z(C, A(0)), s(C), b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    m[c] = static_cast<A>(mean[c]);
+    s[c] = static_cast<A>(scale[c]);
+    b[c] = beta[c];
+  }
+  const bool ncs = sh.layout == Layout::NCS;
+  // NCS: one (n, c) run of S values per item; ROWS: one row of C channels per item
+  const int64_t items = ncs ? N * C : N * S, len = ncs ? S : C, cs = ncs ? 0 : 1;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(len, 1));
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (ncs && !stream && S >= 16 && y.numel() * int64_t(sizeof(float)) > kStreamBytes) {
+      at::parallel_for(0, items, grain, [&](int64_t j0, int64_t j1) {
+        eval_ncs_stream<ACT>(px, py, j0, j1, S, C, m.data(), s.data(), b.data(), float(slope));
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, items, grain, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t c = ncs ? j % C : 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+        if (stream) {
+          normalize_stream<T, ACT>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
+          continue;
+        }
+      }
+#endif
+      if (ncs)
+        normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], A(0), s[c], b[c], sl);
+      else
+        rows_normalize<T, ACT>(px, py, j, j + 1, C, m.data(), z.data(), s.data(), b.data(), sl);
+    }
+    if (stream) stream_fence();
+  });
+}
+
+Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                    std::optional<double> slope) {
+  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  Tensor x = input;
+  if (x.numel() == 0) return at::empty_like(x);
+  const Shape sh = layout_of(x);
+  Tensor y = at::empty_like(x);
+  auto rm = running_mean.to(at::kDouble).contiguous();
+  auto rv = running_var.to(at::kDouble).contiguous();
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
+  std::vector<double> mean(sh.C), scale(sh.C);
+  for (int64_t c = 0; c < sh.C; ++c) {
+    mean[c] = rm.data_ptr<double>()[c];
+    scale[c] = gamma[c] / std::sqrt(rv.data_ptr<double>()[c] + eps);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_eval", [&] {
+    if (slope)
+      forward_eval_impl<scalar_t, true>(x, sh, y, mean, scale, beta, *slope);
+    else
+      forward_eval_impl<scalar_t, false>(x, sh, y, mean, scale, beta, 0.0);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normlab_fused, m) {
+  m.def("forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, float? slope, "
+      "bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "
+        "float? slope) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
+  m.impl("forward_train", &forward_train);
+  m.impl("backward_train", &backward_train);
+  m.impl("forward_eval", &forward_eval);
+}
