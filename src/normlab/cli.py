@@ -146,6 +146,11 @@ def bench(
         plot_ratios(results, plot_path, title)
 
 
+from .lab._cli import lab_app  # noqa: E402
+
+app.add_typer(lab_app, name="lab")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="normlab")
