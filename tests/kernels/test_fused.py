@@ -267,7 +267,9 @@ def test_train_streamed(shape: tuple[int, ...], layout: str, dtype: torch.dtype)
     x = _input(shape, layout, dtype)
     w, b = torch.rand(32) + 0.5, torch.randn(32)
     y, mean, _, invstd = FusedKernel.forward_train(x, w, b, 1e-5)
-    yr = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(), training=True)
+    yr = torch.nn.functional.batch_norm(
+        x.double(), None, None, w.double(), b.double(), training=True
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.double(), yr.to(dtype).double(), rtol=tol, atol=tol)
     dy = torch.randn_like(x)
