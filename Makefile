@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The main job: the lab's quick suite on the embedded digits data, then the report.
 demo: setup
-	$(BIN)/python -m normlab.demo
+	$(BIN)/normlab lab run all --quick --out $(OUT)
+	$(BIN)/normlab lab report --out $(OUT)
 
 lint: setup
 	$(BIN)/ruff check src tests
