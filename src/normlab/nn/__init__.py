@@ -1,5 +1,17 @@
 """Normalization layers: drop-ins for ``torch.nn`` batch norm and its variants."""
 
 from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, NormBase
+from ._ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from ._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormBase"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "NormBase",
+]

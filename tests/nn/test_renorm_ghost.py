@@ -1,0 +1,187 @@
+"""BatchRenorm and GhostBatchNorm against torch's BatchNorm and autograd references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlab.nn as nlnn
+from normlab.nn._ghost import chunk_sizes
+
+
+def _set_affine(*mods: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    w, b = (
+        torch.rand(mods[0].num_features, generator=g) + 0.5,
+        torch.randn(mods[0].num_features, generator=g),
+    )
+    with torch.no_grad():
+        for m in mods:
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+
+
+# --- BatchRenorm ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "ref_cls", "shape"),
+    [
+        (nlnn.BatchRenorm1d, torch.nn.BatchNorm1d, (16, 5)),
+        (nlnn.BatchRenorm2d, torch.nn.BatchNorm2d, (8, 5, 4, 3)),
+        (nlnn.BatchRenorm3d, torch.nn.BatchNorm3d, (4, 5, 2, 3, 2)),
+    ],
+)
+def test_renorm_with_unit_limits_is_batchnorm(
+    cls: type, ref_cls: type, shape: tuple[int, ...]
+) -> None:
+    ours, ref = cls(5, r_max=1.0, d_max=0.0), ref_cls(5)
+    _set_affine(ours, ref)
+    for step in range(4):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_renorm_matches_autograd_reference_when_r_d_are_active() -> None:
+    torch.manual_seed(0)
+    m = nlnn.BatchRenorm1d(4, r_max=1.5, d_max=0.5, momentum=0.5)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.tensor([3.0, -3.0, 0.1, 0.0]))
+        m.running_var.copy_(torch.tensor([0.1, 9.0, 1.0, 1.0]))
+        m.weight.copy_(torch.rand(4) + 0.5)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    x = (torch.randn(32, 4) * 2 + 0.5).requires_grad_()
+    y = m(x)
+    xr = x.detach().clone().requires_grad_()
+    mu, var = xr.mean(0), xr.var(0, correction=0)
+    sigma_b, sigma = torch.sqrt(var + m.eps), torch.sqrt(rv + m.eps)
+    r = (sigma_b / sigma).clamp(1 / 1.5, 1.5).detach()
+    d = ((mu - rm) / sigma).clamp(-0.5, 0.5).detach()
+    assert (r != 1).any() and (d != 0).any()  # the correction is active
+    y_ref = m.weight * ((xr - mu) / sigma_b * r + d) + m.bias
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    # running statistics: the usual update, from the pre-step running values
+    torch.testing.assert_close(m.running_mean, 0.5 * rm + 0.5 * mu.detach())
+
+
+def test_renorm_mask_on_1d() -> None:
+    m = nlnn.BatchRenorm1d(3, r_max=1.0, d_max=0.0)
+    ref = torch.nn.BatchNorm1d(3)
+    x = torch.randn(2, 3, 6)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    y = m(x, mask=mask)
+    valid = torch.cat([x[0], x[1, :, :2]], dim=1).T
+    torch.testing.assert_close(
+        torch.cat([y[0], y[1, :, :2]], dim=1).T, ref(valid), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_renorm_paper_schedule_and_limits() -> None:
+    r_max, d_max = nlnn.BatchRenorm2d.paper_schedule()
+    assert (r_max(0), d_max(0), r_max(4999)) == (1.0, 0.0, 1.0)
+    assert r_max(40_000) == 3.0 and d_max(25_000) == 5.0 and r_max(10**6) == 3.0
+    assert r_max(22_500) == pytest.approx(2.0) and d_max(15_000) == pytest.approx(2.5)
+    m = nlnn.BatchRenorm2d(2, r_max=r_max, d_max=d_max)
+    assert m.limits() == (1.0, 0.0)
+    m.num_batches_tracked.fill_(40_000)
+    assert m.limits() == (3.0, 5.0)
+    assert "r_max=schedule" in repr(m)
+
+
+def test_renorm_errors() -> None:
+    with pytest.raises(ValueError, match="track_running_stats must be True"):
+        nlnn.BatchRenorm1d(3, track_running_stats=False)
+    m = nlnn.BatchRenorm1d(3, r_max=0.5)
+    with pytest.raises(ValueError, match=r"need r_max >= 1 and d_max >= 0, got r_max=0.5"):
+        m(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\)"):
+        nlnn.BatchRenorm2d(3)(torch.randn(4, 3))
+
+
+# --- GhostBatchNorm ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "v", "expected"),
+    [
+        (64, 32, (2, 32, 0)),
+        (70, 32, (2, 32, 6)),
+        (65, 32, (1, 32, 33)),
+        (20, 32, (0, 32, 20)),
+        (33, 32, (0, 32, 33)),
+    ],
+)
+def test_chunk_sizes(n: int, v: int, expected: tuple[int, int, int]) -> None:
+    assert chunk_sizes(n, v) == expected
+
+
+@pytest.mark.parametrize("n", [64, 70, 65, 20, 33])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str) -> None:
+    torch.manual_seed(n)
+    x = torch.randn(n, 4, 3, 2) * 2 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = nlnn.GhostBatchNorm2d(4, virtual_batch_size=32)
+    _set_affine(ours)
+    xg = x.clone().requires_grad_()
+    y = ours(xg)
+    full, v, last = chunk_sizes(n, 32)
+    bounds = [(i * v, (i + 1) * v) for i in range(full)] + ([(full * v, n)] if last else [])
+    means, vars_ = [], []
+    refs = []
+    for lo, hi in bounds:
+        ref = torch.nn.BatchNorm2d(4, momentum=1.0)
+        _set_affine(ref)
+        refs.append(ref(x[lo:hi]))
+        means.append(ref.running_mean)
+        vars_.append(ref.running_var)
+    torch.testing.assert_close(y, torch.cat(refs), rtol=1e-5, atol=1e-5)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        ours.running_mean, 0.1 * torch.stack(means).mean(0), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        ours.running_var, 0.9 + 0.1 * torch.stack(vars_).mean(0), rtol=1e-5, atol=1e-6
+    )
+    # gradients: each chunk's BatchNorm gradient
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr = x.clone().requires_grad_()
+    ref_out = torch.cat(
+        [
+            torch.nn.functional.batch_norm(xr[lo:hi], None, None, ours.weight, ours.bias, True)
+            for lo, hi in bounds
+        ]
+    )
+    ref_out.backward(g)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_is_batchnorm_when_virtual_batch_covers_the_batch() -> None:
+    x = torch.randn(16, 5)
+    a, b = nlnn.GhostBatchNorm1d(5, virtual_batch_size=16), torch.nn.BatchNorm1d(5)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_ghost_errors() -> None:
+    with pytest.raises(ValueError, match="virtual_batch_size must be >= 2, got 1"):
+        nlnn.GhostBatchNorm1d(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="GhostBatchNorm does not support mask"):
+        nlnn.GhostBatchNorm1d(3)(torch.randn(4, 3, 2), mask=torch.ones(4, 2, dtype=torch.bool))
