@@ -41,9 +41,16 @@ def reduce_dims(ndim: int, channel_axis: int) -> list[int]:
 
 
 def _check_mask(input: Tensor, mask: Tensor, channel_axis: int) -> Tensor:
-    """Validate ``mask`` (input shape without the channel axis) and insert the channel axis."""
+    """Validate ``mask`` and give it the input's number of dimensions.
+
+    The mask is the input's shape without the channel axis (one validity per
+    position, shared by all channels), or the input's full shape (per-channel
+    validity, e.g. NaNs in some features only).
+    """
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) == tuple(input.shape):
+        return mask
     ca = channel_axis % input.dim()
     expected = input.shape[:ca] + input.shape[ca + 1 :]
     if tuple(mask.shape) != tuple(expected):
@@ -71,7 +78,8 @@ def batch_norm_stats(
     Args:
         input: ``(N, C, *)`` (or any layout with ``channel_axis``).
         channel_axis: the axis that is *not* reduced.
-        mask: bool tensor shaped like ``input`` without the channel axis; only
+        mask: bool tensor shaped like ``input`` without the channel axis (shared by
+            all channels), or like ``input`` itself (per-channel counts); only
             ``True`` positions count. Values at ``False`` positions may be
             anything (NaN included): they are never read into the statistics.
         dtype: accumulation dtype; default float32 for fp16/bf16 input and the
@@ -95,7 +103,7 @@ def batch_norm_stats(
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, count
     m = _check_mask(input, mask, channel_axis)
-    count = m.sum(dim=dims, dtype=acc).expand(channels).clone()
+    count = m.sum(dim=dims, dtype=acc).expand(channels).clone()  # (C,)
     safe = count.clamp(min=1)
     shape = [1] * input.dim()
     shape[channel_axis] = channels
