@@ -98,6 +98,12 @@ def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: in
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         return n
+    expected = input.shape[:channel_axis] + input.shape[channel_axis + 1 :]
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(expected):
+        raise ValueError(
+            "mask must have the input's shape without its channel axis, "
+            f"expected {tuple(expected)} (bool), got {tuple(mask.shape)} ({mask.dtype})"
+        )
     n = int(mask.sum())
     if n <= 1:
         raise ValueError(
