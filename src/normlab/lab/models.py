@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import init as ni
 from .. import nn as nlnn
 
 __all__ = [
@@ -65,42 +65,41 @@ def norm_layer(norm: str, width: int, **kwargs: Any) -> nn.Module:
 
 
 def _gain(activation: str) -> float:
-    if activation == "selu":
-        return 1.0  # LeCun's variance 1/fan_in is what SELU's self-normalization assumes
-    nonlinearity = {"identity": "linear", "gelu": "relu"}.get(activation, activation)
-    return nn.init.calculate_gain(nonlinearity)  # type: ignore[arg-type]
+    if activation in ("selu", "identity"):
+        return 1.0  # SELU's self-normalization assumes LeCun's 1/fan_in
+    return ni.calculate_gain(activation)
 
 
 def init_linear_(
     layer: nn.Linear, init: str | float, activation: str, generator: torch.Generator
 ) -> None:
-    """Initialize one Linear layer for the activation that follows it; biases 0 (except ``"torch"``).
+    """Initialize one Linear layer for the activation that follows it (:mod:`normlab.init`); biases 0.
 
-    ``init``: ``"torch"`` (PyTorch's default, left as constructed), ``"he"`` (N(0, 2/fan_in) for
-    ReLU-like, gain from the activation), ``"xavier"`` (Glorot normal, gain 1), ``"lecun"``
-    (N(0, 1/fan_in)), ``"orthogonal"``, ``"normal"`` (N(0, 0.01²)), ``"standard"`` (Glorot &
-    Bengio's U[−1/√fan_in, 1/√fan_in]), or a float: weights N(0, init²).
+    ``init``: ``"torch"`` (PyTorch's default, left as constructed), ``"he"`` (N(0, gain²/fan_in),
+    gain of the activation), ``"xavier"`` (Glorot normal, gain 1), ``"lecun"``, ``"orthogonal"``
+    (activation gain), ``"normal"`` (N(0, 0.01²)), ``"standard"`` (Glorot & Bengio's
+    U[−1/√fan_in, 1/√fan_in]), or a float: weights N(0, init²).
     """
     w = layer.weight
-    fan_out, fan_in = w.shape
     with torch.no_grad():
         if init == "torch":
             return
         if isinstance(init, float | int):
-            w.normal_(0.0, float(init), generator=generator)
+            ni.normal_(w, 0.0, float(init), generator=generator)
         elif init == "he":
-            w.normal_(0.0, _gain(activation) / math.sqrt(fan_in), generator=generator)
+            ni.variance_scaling_(w, _gain(activation) ** 2, "fan_in", "normal", generator=generator)
         elif init == "xavier":
-            w.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
+            ni.xavier_normal_(w, 1.0, generator=generator)
         elif init == "lecun":
-            w.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+            ni.lecun_normal_(w, generator=generator)
         elif init == "orthogonal":
-            nn.init.orthogonal_(w, gain=_gain(activation), generator=generator)
+            ni.orthogonal_(w, _gain(activation), generator=generator)
         elif init == "normal":
-            w.normal_(0.0, 0.01, generator=generator)
+            ni.normal_(w, 0.0, 0.01, generator=generator)
         elif init == "standard":
-            bound = 1.0 / math.sqrt(fan_in)
-            w.uniform_(-bound, bound, generator=generator)
+            ni.variance_scaling_(
+                w, 1.0 / 3.0, "fan_in", "uniform", generator=generator
+            )  # U(±1/√fan_in)
         else:
             raise ValueError(
                 f"unknown init {init!r}; expected a float std or one of {', '.join(INITS)}"
