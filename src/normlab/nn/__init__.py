@@ -1,6 +1,7 @@
 """Normalization layers: drop-ins for ``torch.nn`` batch norm and its variants."""
 
 from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, NormBase
+from ._frozen import FrozenBatchNorm2d
 from ._ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from ._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -11,6 +12,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FrozenBatchNorm2d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "NormBase",

@@ -9,6 +9,7 @@ from ._common import is_batchnorm
 from ._convert import convert_batchnorm
 from ._fold import FoldReport, NormLeafTracer, fold_batchnorm, fold_conv_bn_weights
 from ._freeze import FreezeMode, freeze_batchnorm, is_frozen, unfreeze_batchnorm
+from ._momentum import KerasBatchNorm, batchnorm_from_keras, convert_momentum
 from ._recalibrate import recalibrate_batchnorm
 from ._surgery import add_batchnorm, remove_batchnorm
 
@@ -17,10 +18,13 @@ __all__ = [
     "Finding",
     "FoldReport",
     "FreezeMode",
+    "KerasBatchNorm",
     "NormLeafTracer",
     "add_batchnorm",
     "audit_batchnorm",
+    "batchnorm_from_keras",
     "convert_batchnorm",
+    "convert_momentum",
     "fold_batchnorm",
     "fold_conv_bn_weights",
     "freeze_batchnorm",
