@@ -82,7 +82,8 @@ def run(
         raise typer.BadParameter(
             f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
         )
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     seed_list = list(range(seeds if seeds is not None else (3 if quick else 5)))
     console = _console()
     tty = sys.stderr.isatty()

@@ -25,7 +25,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import Dataset
 
-__all__ = ["EnsembleMLP", "MemberResult", "TrainConfig", "train_ensemble"]
+__all__ = [
+    "EnsembleMLP",
+    "MemberResult",
+    "StackedOptimizer",
+    "TrainConfig",
+    "ensemble_step",
+    "train_ensemble",
+]
 
 
 # --- stacked layers ------------------------------------------------------------------
@@ -210,7 +217,7 @@ class EnsembleMLP(nn.Module):
 # --- stacked optimizers (per-member learning rates) ---------------------------------
 
 
-class _StackedOptimizer:
+class StackedOptimizer:
     """torch.optim's SGD (momentum, no dampening) and Adam, on stacked parameters with a
     learning rate per member. Every parameter's leading elements are member-major,
     so ``p.view(K, -1)`` puts member ``k`` on row ``k``."""
@@ -234,7 +241,9 @@ class _StackedOptimizer:
     def step(self, lr: Tensor, active: Tensor) -> None:
         """``lr``: ``(K,)``; members with ``active[k] == False`` are left unchanged."""
         self.t += 1
-        lr2, keep = lr.view(self.k, 1), active.view(self.k, 1)
+        everyone = bool(active.all())
+        neg_lr = (-lr).view(self.k, 1)
+        keep = active.view(self.k, 1)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -246,7 +255,7 @@ class _StackedOptimizer:
                     else:
                         self.state[i][0].mul_(self.momentum).add_(g)
                     g = self.state[i][0]
-                update = lr2 * g
+                direction, step_lr = g, neg_lr
             else:
                 b1, b2 = self.betas
                 if i not in self.state:
@@ -255,9 +264,15 @@ class _StackedOptimizer:
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
-                denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-                update = (lr2 / bc1) * m / denom
-            p.view(self.k, -1).sub_(torch.where(keep, update, torch.zeros((), dtype=update.dtype)))
+                direction = m / (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+                step_lr = neg_lr / bc1
+            if everyone:  # the common case: one fused in-place update
+                p.view(self.k, -1).addcmul_(step_lr, direction)
+            else:  # diverged members stay as they are (their NaNs never leak into the update)
+                update = torch.where(
+                    keep, step_lr * direction, torch.zeros((), dtype=direction.dtype)
+                )
+                p.view(self.k, -1).add_(update)
 
 
 # --- training --------------------------------------------------------------------------
@@ -304,6 +319,20 @@ class MemberResult:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def ensemble_step(
+    ens: EnsembleMLP, opt: StackedOptimizer, x: Tensor, y: Tensor, lr: Tensor, active: Tensor
+) -> Tensor:
+    """One SGD/Adam step of every member on its own batch ``x`` ``(K, B, F)``, ``y`` ``(K, B)``;
+    returns the per-member losses ``(K,)`` (before the step)."""
+    logits = ens(x)
+    loss_k = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # (K,)
+    for p in ens.parameters():
+        p.grad = None
+    loss_k.sum().backward()
+    opt.step(lr, active)
+    return loss_k.detach()
 
 
 def _member_batches(n: int, batch: int, seed: int) -> Callable[[int], Tensor]:
@@ -372,7 +401,7 @@ def train_ensemble(
     if len(lrs) != k:
         raise ValueError(f"need one lr per model: {k} models, {len(lrs)} learning rates")
     ens = EnsembleMLP(models).train()
-    opt = _StackedOptimizer(list(ens.parameters()), k, config.optimizer, config.momentum)
+    opt = StackedOptimizer(list(ens.parameters()), k, config.optimizer, config.momentum)
     total = config.total_steps(len(data.y_train))
     draws = [_member_batches(len(data.y_train), config.batch_size, s) for s in seeds]
     results = [MemberResult(seed=int(s), lr=lr) for s, lr in zip(seeds, lrs)]
@@ -410,13 +439,9 @@ def train_ensemble(
     for step in iterator:
         idx = torch.stack([draw(step) for draw in draws])  # (K, B)
         x, y = data.x_train[idx], data.y_train[idx]  # (K, B, F), (K, B)
-        logits = ens(x)
-        loss_k = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # (K,)
-        for p in ens.parameters():
-            p.grad = None
-        loss_k.sum().backward()
+        scale = config.lr_schedule(step) if config.lr_schedule is not None else 1.0
+        lk = ensemble_step(ens, opt, x, y, base_lr * scale, active)
         with torch.no_grad():
-            lk = loss_k.detach()
             if initial is None:
                 initial = lk.clone()
             bad = ~torch.isfinite(lk) | (lk > config.divergence_factor * initial)
@@ -425,8 +450,6 @@ def train_ensemble(
             active &= ~bad
             running += torch.where(active, lk, torch.zeros(()))
             since += 1
-        scale = config.lr_schedule(step) if config.lr_schedule is not None else 1.0
-        opt.step(base_lr * scale, active)
         if step_hook is not None:
             step_hook(step, ens)
         if (step + 1) % config.eval_every == 0 or step + 1 == total:
