@@ -40,7 +40,7 @@ def ensemble_cases(options: BenchOptions) -> list[Case]:
                 loss.backward()
                 o.step()
 
-        def batched(ens=ens, opt=opt, x=x, y=y, lr=lr, active=active) -> None:  # noqa: ANN001
+        def batched(ens=ens, opt=opt, x=x, y=y, lr=lr, active=active) -> None:
             ensemble_step(ens, opt, x, y, lr, active)
 
         label = f"K={k} MLP 3x100{'+BN' if norm == 'bn' else ''}, batch 64"
