@@ -24,6 +24,7 @@ from ._ensemble import ensemble_cases
 from ._fold import fold_cases, fold_speedup
 from ._model import model_cases
 from ._plot import plot_ratios
+from ._standardizer import standardizer_cases
 
 
 def _models(options: BenchOptions) -> list[Case]:
@@ -38,6 +39,7 @@ SUITES: dict[str, Callable[[BenchOptions], list[Case]]] = {
     "model": _models,
     "fold": fold_cases,
     "ensemble": ensemble_cases,
+    "standardizer": standardizer_cases,
 }
 RESULT_SUITES: dict[str, Callable[[BenchOptions], list[Result]]] = {
     "allocator": allocator_results,

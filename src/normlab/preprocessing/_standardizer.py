@@ -265,21 +265,3 @@ class Standardizer(nn.Module):
         scaler.n_samples_seen_ = int(seen[0]) if np.all(seen == seen[0]) else seen.astype(np.int64)
         scaler.n_features_in_ = int(self.mean_.numel())
         return scaler
-
-
-class _single_thread_if_small:
-    """Run small reductions on one intra-op thread: thread start-up costs more than it saves."""
-
-    def __init__(self, x: Tensor, threshold: int = 1 << 16) -> None:
-        self.small = x.device.type == "cpu" and x.numel() < threshold
-        self.threads = 0
-
-    def __enter__(self) -> None:
-        if self.small:
-            self.threads = torch.get_num_threads()
-            if self.threads != 1:
-                torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.small and self.threads not in (0, 1):
-            torch.set_num_threads(self.threads)
