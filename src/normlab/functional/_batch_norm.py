@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from ._backend import BatchNormKernel, resolve_kernel
 from ._reference import reference_train_output
+from ._stats import batch_norm_stats
 
 __all__ = [
     "NonFinite",
@@ -67,6 +69,58 @@ class _BatchNormTrain(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+Correction = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class _BatchNormCorrected(torch.autograd.Function):
+    """``y = γ·(r·x̂ + d) + β`` with ``(r, d) = correction(mean, var)`` treated as constants.
+
+    Costs what plain batch norm costs: one statistics pass, one normalize pass (the
+    kernel's eval path with weight ``γ·r`` and bias ``β + γ·d``), and the kernel's
+    closed-form backward with weight ``γ·r``:
+    ``dγ = r·Σ dy·x̂ + d·Σ dy``, ``dβ = Σ dy``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        kernel: BatchNormKernel,
+        correction: Correction,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var, _ = batch_norm_stats(x)  # (C,) in the accumulation dtype
+        r, d = correction(mean, var)
+        w_eff = r if weight is None else weight.to(r.dtype) * r
+        b_eff = (
+            d
+            if weight is None
+            else weight.to(d.dtype) * d + (bias.to(d.dtype) if bias is not None else 0.0)
+        )
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        y = kernel.forward_eval(x, mean, var, w_eff.to(param_dtype), b_eff.to(param_dtype), eps)
+        ctx.save_for_backward(x, w_eff.to(param_dtype), mean, torch.rsqrt(var + eps), r, d)
+        ctx.has_weight, ctx.kernel = weight is not None, kernel
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        x, w_eff, mean, invstd, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw_eff, db = ctx.kernel.backward_train(dy, x, w_eff, mean, invstd, (need_x, True, True))
+        dweight = dbias = None
+        if ctx.has_weight:
+            dweight = (
+                (r * dw_eff.to(r.dtype) + d * db.to(d.dtype)).to(w_eff.dtype) if need_w else None
+            )
+            dbias = db.to(w_eff.dtype) if need_b else None
+        return dx, dweight, dbias, None, None, None
+
+
 def _differentiable_backward(
     dy: Tensor,
     x: Tensor,
@@ -121,13 +175,20 @@ def batch_norm_train(
     *,
     mask: Tensor | None = None,
     backend: str = "auto",
+    correction: Correction | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize ``input`` ``(N, C, *)`` with its own batch statistics.
 
     Returns ``(y, mean, var)`` — ``var`` biased, both in the accumulation dtype and
     without gradient. The building block every training-mode variant reuses.
+    ``correction(mean, var) -> (r, d)`` (per channel, no gradient) turns the output
+    into ``weight·(r·x̂ + d) + bias`` — Batch Renormalization — at plain batch-norm cost.
     """
     kernel = resolve_kernel(backend, input, mask)
+    if correction is not None:
+        if mask is not None:
+            raise ValueError("batch_norm_train: correction does not support mask")
+        return _BatchNormCorrected.apply(input, weight, bias, eps, kernel, correction)
     if getattr(kernel, "differentiable", False):  # ATen's own closed-form autograd (native)
         y, mean, var, _ = kernel.forward_train(input, weight, bias, eps, mask)
         return y, mean.detach(), var

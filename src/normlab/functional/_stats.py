@@ -99,9 +99,12 @@ def batch_norm_stats(
         if n == 0:
             zeros = torch.zeros(channels, dtype=acc, device=input.device)
             return zeros, zeros.clone(), count
-        # ATen's var_mean is a single-read Welford reduction: accurate and fast.
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean, var, count
+        # Two passes: the mean, then the mean of squared deviations. (ATen's var_mean is a
+        # Welford reduction, but over strided axes such as NCHW's (0, 2, 3) it runs ~5x
+        # slower on CPU than two pairwise-summed reductions, for no accuracy gain here.)
+        mean = x.mean(dim=dims, keepdim=True)  # (1, C, 1, ...)
+        var = (x - mean).square_().mean(dim=dims)
+        return mean.flatten(), var, count
     m = _check_mask(input, mask, channel_axis)
     count = m.sum(dim=dims, dtype=acc).expand(channels).clone()  # (C,)
     safe = count.clamp(min=1)

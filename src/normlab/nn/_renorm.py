@@ -98,23 +98,37 @@ class _BatchRenorm(NormBase):
         d = "schedule" if callable(self.d_max) else self.d_max
         return super().extra_repr() + f", r_max={r}, d_max={d}"
 
+    def _correction(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(mean_B, var_B) -> (r, d)`` from the running statistics *before* this step's update."""
+        assert self.running_mean is not None and self.running_var is not None
+        r_max, d_max = self.limits()
+        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+
+        def correction(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():  # r and d carry no gradient (Ioffe 2017, Alg. 1)
+                sigma = torch.sqrt(running_var.to(mean.dtype) + self.eps)
+                r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / r_max, r_max)
+                d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+            return r, d
+
+        return correction
+
     def _train_forward(
         self, x: Tensor, mask: Tensor | None, n: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        assert self.running_mean is not None and self.running_var is not None
+        correction = self._correction()
+        if mask is None:  # one autograd node, plain batch-norm cost
+            y, mean, var = batch_norm_train(
+                x, self.weight, self.bias, self.eps, backend=self.backend, correction=correction
+            )
+            return y, mean, var * (n / (n - 1))
+        # masked: x̂ from the masked kernel, then the corrected affine by autograd
         xhat, mean, var = batch_norm_train(x, None, None, self.eps, mask=mask, backend=self.backend)
-        r_max, d_max = self.limits()
-        with torch.no_grad():  # r and d carry no gradient (Ioffe 2017, Alg. 1)
-            sigma = torch.sqrt(self.running_var.to(mean.dtype) + self.eps)
-            sigma_b = torch.sqrt(var + self.eps)
-            r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
-        ndim = x.dim()
-        scale, shift = r, d
-        if self.weight is not None:
-            scale = self.weight * r
-            shift = self.weight * d + self.bias
-        y = xhat * _channel(scale.to(xhat.dtype), ndim) + _channel(shift.to(xhat.dtype), ndim)
+        r, d = correction(mean, var)
+        scale, shift = (
+            (r, d) if self.weight is None else (self.weight * r, self.weight * d + self.bias)
+        )
+        y = xhat * _channel(scale.to(xhat.dtype), x.dim()) + _channel(shift.to(xhat.dtype), x.dim())
         return y, mean, var * (n / (n - 1))
 
 
