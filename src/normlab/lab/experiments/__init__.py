@@ -152,4 +152,8 @@ def register(cls: _E) -> _E:
 
 
 # --- the experiments (import order = listing order) -----------------------------------
-from . import convergence  # noqa: E402,F401
+from . import (
+    convergence,  # noqa: F401
+    init_sensitivity,  # noqa: F401
+    learning_rate,  # noqa: F401
+)
