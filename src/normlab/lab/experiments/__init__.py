@@ -154,6 +154,13 @@ def register(cls: _E) -> _E:
 
 
 # --- the experiments, in listing order (the order of the mission's claims) -------------
-EXPERIMENTS = ("convergence", "learning_rate", "init_sensitivity")
+EXPERIMENTS = (
+    "convergence",
+    "learning_rate",
+    "init_sensitivity",
+    "xavier_vs_he",
+    "signal_propagation",
+    "gradients_at_init",
+)
 for _name in EXPERIMENTS:
     importlib.import_module(f"{__name__}.{_name}")
