@@ -160,6 +160,7 @@ EXPERIMENTS = (
     "init_sensitivity",
     "xavier_vs_he",
     "signal_propagation",
+    "small_batch",
     "gradients_at_init",
 )
 for _name in EXPERIMENTS:
