@@ -162,6 +162,7 @@ EXPERIMENTS = (
     "signal_propagation",
     "small_batch",
     "gradients_at_init",
+    "input_normalization",
 )
 for _name in EXPERIMENTS:
     importlib.import_module(f"{__name__}.{_name}")
