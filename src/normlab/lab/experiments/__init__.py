@@ -161,8 +161,11 @@ EXPERIMENTS = (
     "xavier_vs_he",
     "signal_propagation",
     "small_batch",
+    "noisy_bn",
     "gradients_at_init",
     "input_normalization",
+    "bn_placement",
+    "precise_bn",
 )
 for _name in EXPERIMENTS:
     importlib.import_module(f"{__name__}.{_name}")

