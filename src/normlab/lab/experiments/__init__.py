@@ -162,6 +162,7 @@ EXPERIMENTS = (
     "signal_propagation",
     "small_batch",
     "noisy_bn",
+    "landscape",
     "gradients_at_init",
     "input_normalization",
     "bn_placement",

@@ -1,0 +1,184 @@
+"""``landscape`` — Santurkar et al. 2018, Fig. 4: BN makes the loss landscape smoother."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...diagnostics import landscape_probe
+from ..data import Dataset
+from ..ensemble import EnsembleMLP, TrainConfig, train_ensemble
+from ..models import mlp
+from . import Claim, ClaimResult, Experiment, Results, register
+from ._common import band, fmt, grouped, md_table
+
+DEPTH, WIDTH, LR, EPOCHS, EVERY = 6, 100, 0.1, 8, 10
+STEP_SIZES = tuple(LR * f for f in (0.5, 1.0, 2.0, 4.0))
+
+
+def landscape_hook(
+    x: torch.Tensor, y: torch.Tensor, every: int, results: list[list[dict[str, Any]]]
+) -> Any:
+    """A ``train_ensemble`` step hook probing every member's landscape every ``every`` steps on ``(x, y)``."""
+
+    def hook(step: int, ens: EnsembleMLP) -> None:
+        if step % every:
+            return
+        for k, model in enumerate(ens.to_models()):
+            p = landscape_probe(model, F.cross_entropy, (x, y), STEP_SIZES)
+            results[k].append(
+                {
+                    "step": step,
+                    "loss_range": p.loss_range,
+                    "grad_diff": max(p.grad_diffs),
+                    "beta": p.beta_smoothness,
+                    "losses": p.losses,
+                }
+            )
+
+    return hook
+
+
+@register
+class Landscape(Experiment):
+    name = "landscape"
+    paper = "Santurkar et al. 2018, Fig. 4"
+    summary = "With BN the loss changes less along the gradient, gradients stay predictive and β-smoothness is lower."
+    setup = (
+        f"MLP with {DEPTH} hidden layers of {WIDTH} ReLU units, He init, SGD lr {LR}, batch 64, {EPOCHS} epochs; "
+        f"plain vs BN. Every {EVERY} steps, `normlab.diagnostics.landscape_probe` on a fixed batch of 256 training "
+        f"samples (train mode) along the gradient with step sizes {list(STEP_SIZES)}: loss variation (max − min "
+        "loss), gradient predictiveness (max ‖∇L(θ) − ∇L(θ − ηg)‖) and effective β-smoothness. The claim "
+        "averages β over the first 25% of training."
+    )
+    paper_numbers = (
+        "Santurkar et al. (VGG, CIFAR-10, Fig. 4): with BN the variation of the loss along the gradient, the "
+        "change of the gradient and the effective β-smoothness are all markedly smaller throughout training, "
+        "most visibly early on."
+    )
+    minutes_quick = 0.3
+    minutes_full = 0.5
+    claims = (
+        Claim(
+            "beta_ratio",
+            "BN's effective β-smoothness is ≤ 0.7× plain's over the first 25% of training",
+            paper,
+            "mean β (BN) / mean β (plain), first 25% of the steps",
+            "<=",
+            0.7,
+        ),
+    )
+
+    def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
+        return [{"norm": norm, "seeds": seeds, "epochs": EPOCHS} for norm in ("none", "bn")]
+
+    def run(
+        self, config: dict[str, Any], data: Dataset, *, progress: bool = False
+    ) -> dict[str, Any]:
+        seeds = config["seeds"]
+        models = [
+            mlp(
+                data.in_features,
+                DEPTH,
+                WIDTH,
+                data.num_classes,
+                norm=config["norm"],
+                init="he",
+                seed=s,
+            )
+            for s in seeds
+        ]
+        cfg = TrainConfig(
+            optimizer="sgd", lr=LR, batch_size=64, epochs=config["epochs"], eval_every=EVERY
+        )
+        total = cfg.total_steps(len(data.y_train))
+        idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:256]
+        probes: list[list[dict[str, Any]]] = [[] for _ in seeds]
+        results, _ = train_ensemble(
+            models,
+            data,
+            cfg,
+            seeds=seeds,
+            progress=progress,
+            step_hook=landscape_hook(data.x_train[idx], data.y_train[idx], EVERY, probes),
+        )
+        return {
+            "total_steps": total,
+            "members": [
+                {
+                    "seed": r.seed,
+                    "final_test_acc": r.final_test_acc,
+                    "diverged": r.diverged,
+                    "probes": p,
+                }
+                for r, p in zip(results, probes)
+            ],
+        }
+
+    def _early_beta(self, record: dict[str, Any]) -> float:
+        total = record["total_steps"]
+        early = [p["beta"] for p in record["probes"] if p["step"] <= 0.25 * total]
+        return float(np.mean(early)) if early else float("nan")
+
+    def _by(self, results: Results) -> dict[str, list[dict[str, Any]]]:
+        recs = [
+            {**m, "total_steps": metrics["total_steps"], "config": cfg}
+            for cfg, metrics in results
+            for m in metrics["members"]
+        ]
+        return grouped(recs, lambda r: r["config"]["norm"])
+
+    def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
+        by = self._by(results)
+        ratios = [self._early_beta(b) / self._early_beta(p) for p, b in zip(by["none"], by["bn"])]
+        return [self.claim("beta_ratio").check(ratios)]
+
+    def table(self, results: Results) -> str:
+        rows = []
+        for norm, recs in self._by(results).items():
+            rows.append(
+                [
+                    "BN" if norm == "bn" else "plain",
+                    fmt([self._early_beta(r) for r in recs], 2),
+                    fmt([np.mean([p["loss_range"] for p in r["probes"]]) for r in recs], 3),
+                    fmt([np.mean([p["grad_diff"] for p in r["probes"]]) for r in recs], 3),
+                    fmt([r["final_test_acc"] for r in recs]),
+                ]
+            )
+        return md_table(
+            [
+                "model",
+                "β-smoothness, first 25%",
+                "loss variation (mean)",
+                "gradient change (mean)",
+                "final test accuracy",
+            ],
+            rows,
+        )
+
+    def plot(self, results: Results, out_dir: Path) -> list[Path]:
+        from ..plots import new_figure, save
+
+        fig, axes = new_figure(1, 3, width=16)
+        for norm, recs in self._by(results).items():
+            steps = [p["step"] for p in recs[0]["probes"]]
+            label = "BN" if norm == "bn" else "plain"
+            for ax, key in zip(axes, ("loss_range", "grad_diff", "beta")):
+                band(ax, steps, [[p[key] for p in r["probes"]] for r in recs], label=label)
+        titles = (
+            "(a) loss variation along the gradient",
+            "(b) gradient predictiveness",
+            "(c) effective β-smoothness",
+        )
+        ylabels = ("max − min of L(θ − ηg)", "max ‖∇L(θ) − ∇L(θ − ηg)‖₂", "max ‖Δ∇L‖ / ‖ηg‖")
+        for ax, title, ylabel in zip(axes, titles, ylabels):
+            ax.set_yscale("log")
+            ax.set(title=title, xlabel="training step", ylabel=f"{ylabel} (log scale)")
+            ax.legend()
+        path = out_dir / "landscape.png"
+        save(fig, path)
+        return [path]
