@@ -119,7 +119,11 @@ def write_report(out: Path) -> tuple[Path, Path]:
             continue
         results = load_results(out, rec)
         plot_dir = out / rec["experiment"] / rec["dataset"] / "plots"
-        pngs = exp.plot(results, plot_dir)
+        try:
+            pngs = exp.plot(results, plot_dir)
+        except Exception as exc:  # a broken figure must not cost the report
+            pngs = []
+            md.append(f"> plot failed: {type(exc).__name__}: {exc}\n")
         table = exp.table(results)
         title = f"{exp.name} — {rec['dataset']}" + (" (quick)" if rec.get("quick") else "")
         exp_rows = claims_rows([rec])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ def grouped(
 
 
 def nanmean(values: Sequence[float | None]) -> float:
+    """Plain mean (NaN if any value is missing or there are none)."""
     vals = [float("nan") if v is None else float(v) for v in values]
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -75,10 +77,16 @@ def band(
     label: str,
     color: str | None = None,
 ) -> None:
-    """Mean curve with a ±1 std band over seeds (NaN-aware)."""
-    arr = np.array([[np.nan if v is None else v for v in c] for c in curves], dtype=float)
-    n = min(len(x), arr.shape[1])
-    mean, std = np.nanmean(arr[:, :n], axis=0), np.nanstd(arr[:, :n], axis=0)
+    """Mean curve with a ±1 std band over seeds (NaN-aware; a curve that stopped early — a diverged run —
+    is padded with NaN)."""
+    width = max((len(c) for c in curves), default=0)
+    arr = np.full((len(curves), width), np.nan)
+    for i, c in enumerate(curves):
+        arr[i, : len(c)] = [np.nan if v is None else v for v in c]
+    n = min(len(x), width)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after every seed diverged
+        mean, std = np.nanmean(arr[:, :n], axis=0), np.nanstd(arr[:, :n], axis=0)
     line = ax.plot(x[:n], mean, label=label, color=color)[0]
     ax.fill_between(x[:n], mean - std, mean + std, color=line.get_color(), alpha=0.2)
 

@@ -197,7 +197,10 @@ class GradientsAtInit(Experiment):
                     alpha=0.7,
                     label=label if i == 0 else None,
                 )
-                rel = [v / r["loss"] if math.isfinite(v) else np.nan for v in r["losses"]]
+                rel = [
+                    v / r["loss"] if v is not None and math.isfinite(v) else np.nan
+                    for v in r["losses"]
+                ]
                 axes[1].plot(
                     ALPHAS,
                     rel,

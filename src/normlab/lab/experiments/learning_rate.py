@@ -10,7 +10,7 @@ from ..data import Dataset
 from ..ensemble import TrainConfig, train_ensemble
 from ..models import mlp
 from . import Claim, ClaimResult, Experiment, Results, accuracy_level, register
-from ._common import fmt, grouped, md_table, members
+from ._common import fmt, grouped, md_table, members, nanmean
 
 LRS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -110,20 +110,15 @@ class LearningRate(Experiment):
         return md_table(["lr", "plain: final test accuracy", "BN: final test accuracy"], rows)
 
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
-        import numpy as np
 
         from ..plots import new_figure, save
 
         by = grouped(members(results), lambda r: (r["config"]["norm"], r["lr"]))
         fig, (ax,) = new_figure(1, 1, width=7)
         for norm, label, color in (("none", "plain", "tab:red"), ("bn", "BN", "tab:blue")):
+            # seed mean over the runs that did not diverge (divergences are marked separately)
             accs = [
-                np.nanmean(
-                    [
-                        r["final_test_acc"] if r["final_test_acc"] is not None else np.nan
-                        for r in by.get((norm, lr), [])
-                    ]
-                )
+                nanmean([r["final_test_acc"] for r in by.get((norm, lr), []) if not r["diverged"]])
                 for lr in LRS
             ]
             ax.plot(LRS, accs, "o-", color=color, label=label)
