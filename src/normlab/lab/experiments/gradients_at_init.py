@@ -40,6 +40,7 @@ def largest_safe_step(
 
     theta = {n: t.clone().requires_grad_(True) for n, t in params.items()}
     base = loss_at(theta)
+    base_value = float(base.detach())
     grads = torch.autograd.grad(base, list(theta.values()))
     losses = []
     with torch.no_grad():
@@ -48,10 +49,10 @@ def largest_safe_step(
             losses.append(float(loss_at(moved)))
     best = 0.0
     for alpha, loss in zip(ALPHAS, losses):
-        if not (math.isfinite(loss) and loss <= float(base)):
+        if not (math.isfinite(loss) and loss <= base_value):
             break
         best = alpha
-    return best, losses, float(base)
+    return best, losses, base_value
 
 
 class ResidualMLP(nn.Module):
