@@ -9,57 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as nlnn
+from ..nn.utils import convert_batchnorm
 from ._core import BenchOptions, Case
+from ._fold import small_resnet
 
-__all__ = ["model_cases", "small_resnet"]
-
-
-class _Block(nn.Module):
-    """conv-BN-ReLU-conv-BN + identity (or a strided 1x1 projection)."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
-
-
-def small_resnet(width: int = 32, classes: int = 10) -> nn.Module:
-    """A ResNet-style CNN for 32x32 images: stem, three stages of one block, pool, linear."""
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        _Block(width, width, 1),
-        _Block(width, 2 * width, 2),
-        _Block(2 * width, 4 * width, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * width, classes),
-    )
-
-
-def _with_normlab_bn(model: nn.Module, backend: str) -> nn.Module:
-    """A copy of ``model`` with every ``nn.BatchNorm2d`` replaced by ``normlab.nn.BatchNorm2d``."""
-    model = copy.deepcopy(model)
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            ours = nlnn.BatchNorm2d(child.num_features, backend=backend)
-            ours.load_state_dict(child.state_dict())
-            setattr(model, name, ours)
-        else:
-            setattr(model, name, _with_normlab_bn(child, backend))
-    return model
+__all__ = ["model_cases"]
 
 
 def _step(model: nn.Module, x: Tensor, target: Tensor) -> Callable[[], object]:
@@ -82,8 +36,8 @@ def model_cases(options: BenchOptions, *, compiled: bool = False) -> list[Case]:
     x = torch.randn(batch, 3, 32, 32, generator=g)
     target = torch.randint(0, 10, (batch,), generator=g)
     torch.manual_seed(0)
-    ref = small_resnet()
-    ours = _with_normlab_bn(ref, options.backend)
+    ref = small_resnet(width=32)
+    ours = convert_batchnorm(copy.deepcopy(ref), nlnn.BatchNorm2d, backend=options.backend)
     models: list[nn.Module] = [ref, ours]
     if compiled:
         models = [torch.compile(m) for m in models]  # type: ignore[misc]
