@@ -14,7 +14,7 @@ from ..ensemble import TrainConfig, train_ensemble
 from ..models import mlp
 from . import Claim, ClaimResult, Experiment, Results, register
 from ._common import band, fmt, grouped, md_table, members
-from .convergence import quantile_drift, quantile_probe
+from .convergence import PROBE_SAMPLES, quantile_drift, quantile_probe
 
 ARMS = ("clean", "raw", "standardizer", "bn")
 LABELS = {
@@ -124,7 +124,7 @@ class InputNormalization(Experiment):
             arm_data,
             cfg,
             seeds=config["seeds"],
-            probe=quantile_probe(arm_data.x_test),
+            probe=quantile_probe(arm_data.x_test[:PROBE_SAMPLES]),
             progress=progress,
         )
         return {

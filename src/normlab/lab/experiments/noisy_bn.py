@@ -178,7 +178,7 @@ class NoisyBN(Experiment):
             data,
             cfg,
             seeds=config["seeds"],
-            probe=instability_probe(data.x_test),
+            probe=instability_probe(data.x_test[:2000]),
             step_hook=hook,
             progress=progress,
         )
