@@ -1,0 +1,117 @@
+"""BatchNormAct: BN + activation from the output alone, against torch's BN followed by the activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+
+ACTS = [
+    ("leaky_relu", {"negative_slope": 0.1}, lambda: nn.LeakyReLU(0.1)),
+    ("elu", {"alpha": 1.0}, lambda: nn.ELU(1.0)),
+    ("identity", {}, lambda: nn.Identity()),
+]
+
+
+@pytest.mark.parametrize(("activation", "kwargs", "torch_act"), ACTS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_batchnorm_then_activation(
+    activation: str, kwargs: dict, torch_act, layout: str
+) -> None:
+    torch.manual_seed(0)
+    ours = nlnn.BatchNormAct2d(6, activation=activation, **kwargs)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)  # negative γ too: the inversion keeps the sign
+        bn.bias.normal_()
+    ours.load_state_dict(bn.state_dict())
+    ref = nn.Sequential(bn, torch_act())
+    for _step in range(3):
+        x = torch.randn(8, 6, 5, 4) * 2 + 1
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, bn.weight.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, bn.bias.grad, rtol=1e-5, atol=1e-4)
+        ours.zero_grad()
+        bn.zero_grad()
+    torch.testing.assert_close(ours.running_var, bn.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_1d_without_affine() -> None:
+    ours, bn = nlnn.BatchNormAct1d(5, affine=False), nn.BatchNorm1d(5, affine=False)
+    x = torch.randn(16, 5, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = ours(x), nn.functional.leaky_relu(bn(xr), 0.01)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    yr.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
+
+
+def test_saved_activation_memory_of_a_20_layer_stack() -> None:
+    def stack(fused: bool) -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False)]
+        for i in range(20):
+            layers += (
+                [nlnn.BatchNormAct2d(16, negative_slope=0.01)]
+                if fused
+                else [nn.BatchNorm2d(16), nn.LeakyReLU(0.01)]
+            )
+            if i < 19:
+                layers.append(nn.Conv2d(16, 16, 3, padding=1, bias=False))
+        return nn.Sequential(*layers)
+
+    x = torch.randn(8, 3, 32, 32, requires_grad=True)
+    ratio = _saved_bytes(stack(True), x) / _saved_bytes(stack(False), x)
+    assert ratio <= 0.6, f"saved-activation memory ratio {ratio:.2f}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"activation": "relu"},
+            "relu \\(or leaky_relu with negative_slope <= 0\\) maps every negative value to 0",
+        ),
+        (
+            {"activation": "leaky_relu", "negative_slope": 0.0},
+            "Use activation='leaky_relu' with a small positive",
+        ),
+        (
+            {"activation": "gelu"},
+            "activation must be 'identity', 'leaky_relu' or 'elu', got 'gelu'",
+        ),
+        ({"activation": "elu", "alpha": 0.0}, "elu needs alpha > 0"),
+    ],
+)
+def test_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        nlnn.BatchNormAct2d(4, **kwargs)
+
+
+def test_mask_rejected() -> None:
+    with pytest.raises(ValueError, match="BatchNormAct does not support mask"):
+        nlnn.BatchNormAct1d(3)(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
