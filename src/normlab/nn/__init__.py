@@ -5,6 +5,7 @@ from ._bnact import BatchNormAct1d, BatchNormAct2d
 from ._frozen import FrozenBatchNorm2d
 from ._ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from ._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from ._sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
@@ -19,4 +20,5 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "NormBase",
+    "SyncBatchNorm",
 ]
