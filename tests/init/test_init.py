@@ -254,3 +254,11 @@ def test_errors() -> None:
         ni.variance_scaling_(torch.empty(3, 3), scale=0)
     with pytest.raises(ValueError, match="lsuv_ found no Conv/Linear layer"):
         ni.lsuv_(nn.ReLU(), torch.randn(2, 2))
+
+
+def test_lsuv_warns_when_a_layer_cannot_reach_unit_variance() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(
+        RuntimeWarning, match=r"lsuv_: layer '0' reached output variance .* after 1 iterations"
+    ):
+        ni.lsuv_(model, torch.randn(64, 4) * 10, tol=1e-6, max_iters=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +62,13 @@ def lsuv_(
                 captured.clear()
                 model(x)
                 result[name] = float(captured[0].var())
+                if abs(result[name] - 1.0) > tol:
+                    warnings.warn(
+                        f"lsuv_: layer {name!r} reached output variance {result[name]:.3g} after {max_iters} "
+                        f"iterations (tol={tol}); a later nonlinearity or normalization may fight the rescaling",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             finally:
                 handle.remove()
     finally:
