@@ -9,7 +9,7 @@ from ._batch_norm import (
     check_batch_size,
     update_running_stats_,
 )
-from ._reference import ReferenceKernel, normalize
+from ._reference import ReferenceKernel, channel_view, normalize
 from ._stats import accumulation_dtype, batch_norm_stats, merge_stats, reduce_dims
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_stats",
     "batch_norm_train",
+    "channel_view",
     "check_batch_size",
     "merge_stats",
     "normalize",

@@ -29,10 +29,10 @@ from torch import Tensor
 
 from ._stats import accumulation_dtype, batch_norm_stats, reduce_dims
 
-__all__ = ["ReferenceKernel"]
+__all__ = ["ReferenceKernel", "channel_view", "normalize"]
 
 
-def _channel_view(t: Tensor, ndim: int) -> Tensor:
+def channel_view(t: Tensor, ndim: int) -> Tensor:
     """(C,) -> (1, C, 1, ...) for broadcasting against an ``ndim``-D input."""
     return t.view([1, -1] + [1] * (ndim - 2))
 
@@ -40,9 +40,9 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
 def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     ndim = xhat.dim()
     if weight is not None:
-        xhat = xhat * _channel_view(weight.to(xhat.dtype), ndim)
+        xhat = xhat * channel_view(weight.to(xhat.dtype), ndim)
     if bias is not None:
-        xhat = xhat + _channel_view(bias.to(xhat.dtype), ndim)
+        xhat = xhat + channel_view(bias.to(xhat.dtype), ndim)
     return xhat
 
 
@@ -57,7 +57,7 @@ def normalize(
     """``y = weight * (x - mean) * invstd + bias`` per channel, computed in ``mean``'s dtype,
     returned in ``x``'s dtype. Masked-out positions give ``bias`` (0 without bias)."""
     ndim = x.dim()
-    xhat = (x.to(mean.dtype) - _channel_view(mean, ndim)) * _channel_view(invstd, ndim)  # (N, C, *)
+    xhat = (x.to(mean.dtype) - channel_view(mean, ndim)) * channel_view(invstd, ndim)  # (N, C, *)
     if mask is not None:
         xhat = torch.where(mask.unsqueeze(1), xhat, xhat.new_zeros(()))
     return _affine(xhat, weight, bias).to(x.dtype)
@@ -96,7 +96,7 @@ class ReferenceKernel:
         dims = reduce_dims(ndim, 1)
         acc = mean.dtype
         dy_a = dy.to(acc)  # (N, C, *)
-        xhat = (x.to(acc) - _channel_view(mean, ndim)) * _channel_view(invstd, ndim)
+        xhat = (x.to(acc) - channel_view(mean, ndim)) * channel_view(invstd, ndim)
         if mask is None:
             n = x.numel() // x.shape[1]
             dy_v = dy_a
@@ -112,11 +112,11 @@ class ReferenceKernel:
         if needs[0]:
             scale = invstd if weight is None else invstd * weight.to(acc)
             inner = (
-                dy_v - _channel_view(sum_dy / n, ndim) - xhat * _channel_view(sum_dy_xhat / n, ndim)
+                dy_v - channel_view(sum_dy / n, ndim) - xhat * channel_view(sum_dy_xhat / n, ndim)
             )
             if mask is not None:  # masked positions output beta: no gradient reaches x there
                 inner = torch.where(mask.unsqueeze(1), inner, inner.new_zeros(()))
-            dx = (_channel_view(scale, ndim) * inner).to(x.dtype)
+            dx = (channel_view(scale, ndim) * inner).to(x.dtype)
         if weight is not None and needs[1]:
             dweight = sum_dy_xhat.to(weight.dtype)
         if needs[2]:

@@ -23,17 +23,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, reduce_dims, resolve_kernel
+from ..functional import NonFinite, channel_view, reduce_dims, resolve_kernel
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["Activation", "BatchNormAct1d", "BatchNormAct2d"]
 
 Activation = Literal["identity", "leaky_relu", "elu"]
 _GAMMA_EPS = 1e-5
-
-
-def _channel(t: Tensor, ndim: int) -> Tensor:
-    return t.view([1, -1] + [1] * (ndim - 2))
 
 
 def _activate(z: Tensor, activation: str, param: float) -> Tensor:
@@ -93,16 +89,16 @@ class _BatchNormActTrain(torch.autograd.Function):
         g = dy.to(acc) * slope  # ∂L/∂z, (N, C, *)
         gamma = _safe_gamma(weight.to(acc)) if weight is not None else None
         beta = bias.to(acc) if bias is not None else None
-        xhat = z if beta is None else z - _channel(beta, ndim)
+        xhat = z if beta is None else z - channel_view(beta, ndim)
         if gamma is not None:
-            xhat = xhat / _channel(gamma, ndim)
+            xhat = xhat / channel_view(gamma, ndim)
         sum_g = g.sum(dims)
         sum_gx = (g * xhat).sum(dims)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if gamma is None else gamma * invstd
-            dx = _channel(scale, ndim) * (
-                g - _channel(sum_g / n, ndim) - xhat * _channel(sum_gx / n, ndim)
+            dx = channel_view(scale, ndim) * (
+                g - channel_view(sum_g / n, ndim) - xhat * channel_view(sum_gx / n, ndim)
             )
             dx = dx.to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:

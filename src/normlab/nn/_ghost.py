@@ -16,14 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train
+from ..functional import NonFinite, batch_norm_train, channel_view
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
-
-
-def _channel(t: Tensor, ndim: int) -> Tensor:
-    return t.view([1, -1] + [1] * (ndim - 2))
 
 
 def chunk_sizes(n: int, virtual_batch_size: int) -> tuple[int, int, int]:
@@ -107,7 +103,7 @@ class _GhostBatchNorm(NormBase):
                 memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
             )
         if self.weight is not None:
-            xhat = xhat * _channel(self.weight.to(xhat.dtype), x.dim()) + _channel(
+            xhat = xhat * channel_view(self.weight.to(xhat.dtype), x.dim()) + channel_view(
                 self.bias.to(xhat.dtype), x.dim()
             )
         return xhat, torch.cat(means).mean(0), torch.cat(variances).mean(0)

@@ -20,16 +20,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train
+from ..functional import NonFinite, batch_norm_train, channel_view
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Limit"]
 
 Limit = float | Callable[[int], float]
-
-
-def _channel(t: Tensor, ndim: int) -> Tensor:
-    return t.view([1, -1] + [1] * (ndim - 2))
 
 
 class _BatchRenorm(NormBase):
@@ -128,7 +124,9 @@ class _BatchRenorm(NormBase):
         scale, shift = (
             (r, d) if self.weight is None else (self.weight * r, self.weight * d + self.bias)
         )
-        y = xhat * _channel(scale.to(xhat.dtype), x.dim()) + _channel(shift.to(xhat.dtype), x.dim())
+        y = xhat * channel_view(scale.to(xhat.dtype), x.dim()) + channel_view(
+            shift.to(xhat.dtype), x.dim()
+        )
         return y, mean, var * (n / (n - 1))
 
 
