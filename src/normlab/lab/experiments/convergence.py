@@ -131,6 +131,7 @@ class Convergence(Experiment):
                 "lr": 0.5,
                 "batch_size": 60,
                 "eval_every": 20,
+                "dataset": dataset,
             }
             for norm in ("none", "bn")
         ]
@@ -206,16 +207,18 @@ class Convergence(Experiment):
 
     def table(self, results: Results) -> str:
         by = self._by_norm(results)
-        budget = int(next(cfg for cfg, _ in results)["steps"])
+        first = next(cfg for cfg, _ in results)
+        budget, level = int(first["steps"]), accuracy_level(0.90, first["dataset"])
         rows = [
-            "| model | final test accuracy | steps to 90% | quantile drift (training) | quantile drift (inference) |",
+            f"| model | final test accuracy | steps to {level:.0%} | quantile drift (training) | "
+            "quantile drift (inference) |",
             "|---|---|---|---|---|",
         ]
         for norm, label in (("none", "plain"), ("bn", "BN")):
             members = by[norm]
             acc = mean_std([m["final_test_acc"] for m in members])
             steps = mean_std(
-                [steps_to_reach(m["steps"], m["test_acc"], 0.9, budget) for m in members]
+                [steps_to_reach(m["steps"], m["test_acc"], level, budget) for m in members]
             )
             drift = mean_std([m["drift"] for m in members])
             drift_eval = mean_std([m["drift_eval_mode"] for m in members])
