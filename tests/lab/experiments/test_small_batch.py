@@ -100,7 +100,9 @@ def test_quick_run_end_to_end_on_synthetic(
     synthetic: Dataset, capped_training: None, tmp_path: Path
 ) -> None:
     configs = EXP.configs(quick=True, seeds=[0, 1, 2], dataset="synthetic")
-    assert {(c["method"], c["batch"]) for c in configs} >= {(m, b) for m in METHODS for b in BATCHES}
+    assert {(c["method"], c["batch"]) for c in configs} >= {
+        (m, b) for m in METHODS for b in BATCHES
+    }
     assert all(c["seeds"] == [0, 1, 2] for c in configs)
     results = [(cfg, EXP.run(cfg, synthetic)) for cfg in configs]
     claims = EXP.evaluate(results, dataset="synthetic")

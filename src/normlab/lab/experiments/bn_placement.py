@@ -107,7 +107,7 @@ class BNPlacement(Experiment):
             ax.set(
                 title=f"{act}: test accuracy (mean ± std over seeds)",
                 xlabel="training step",
-                ylabel="test accuracy",
+                ylabel="test accuracy (axis from 0.5)",
                 ylim=(0.5, 1.0),
             )
             ax.legend()

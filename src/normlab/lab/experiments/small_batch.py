@@ -10,7 +10,7 @@ from ... import nn as nlnn
 from ..data import Dataset
 from ..ensemble import TrainConfig, train_ensemble
 from ..models import mlp
-from . import Claim, ClaimResult, Experiment, Results, register
+from . import Claim, ClaimResult, Experiment, Results, mean_std, register
 from ._common import fmt, grouped, md_table, members, nanmean
 
 BATCHES = (2, 4, 8, 32)
@@ -227,13 +227,24 @@ class SmallBatch(Experiment):
         for m in METHODS:
             if any((m, b) not in acc for b in BATCHES):
                 continue  # unavailable here
-            ax.plot(BATCHES, [nanmean(acc[(m, b)]) for b in BATCHES], "o-", label=LABELS[m])
+            stats = [mean_std(acc[(m, b)]) for b in BATCHES]
+            ax.errorbar(
+                BATCHES,
+                [mu for mu, _ in stats],
+                yerr=[sd for _, sd in stats],
+                fmt="o-",
+                capsize=3,
+                label=LABELS[m],
+            )
         if ("renorm_m0.1", 2) in acc:
-            ax.plot(
+            mu, sd = mean_std(acc[("renorm_m0.1", 2)])
+            ax.errorbar(
                 [2],
-                [nanmean(acc[("renorm_m0.1", 2)])],
-                "k*",
+                [mu],
+                yerr=[sd],
+                fmt="k*",
                 markersize=12,
+                capsize=3,
                 label=LABELS["renorm_m0.1"],
             )
         ax.set_xscale("log", base=2)
@@ -241,7 +252,7 @@ class SmallBatch(Experiment):
         ax.set(
             title="Test accuracy (eval mode) vs batch size",
             xlabel="batch size (log scale)",
-            ylabel="test accuracy (mean over seeds)",
+            ylabel="test accuracy (mean ± std over seeds)",
             ylim=(0, 1.02),
         )
         ax.legend(fontsize=8)
