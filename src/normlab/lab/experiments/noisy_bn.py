@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,8 +164,8 @@ class NoisyBN(Experiment):
         "BN networks and both outperform the unnormalized network, although the noisy network's activation "
         "distributions are far less stable (Fig. 2)."
     )
-    minutes_quick = 0.3
-    minutes_full = 0.5
+    minutes_quick = 0.1
+    minutes_full = 0.15
     claims = (
         Claim(
             "noisy_matches_bn",
@@ -208,7 +207,7 @@ class NoisyBN(Experiment):
         )
         hook = (lambda step, ens: state.resample()) if state is not None else None
         results, _ = train_ensemble(
-            copy.copy(models),
+            models,
             data,
             cfg,
             seeds=config["seeds"],
