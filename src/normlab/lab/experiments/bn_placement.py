@@ -29,8 +29,8 @@ class BNPlacement(Experiment):
         "Ioffe & Szegedy add BN 'immediately before the nonlinearity', arguing the pre-activation is 'more likely "
         "to have a symmetric, non-sparse distribution'; they give no ablation of the other order."
     )
-    minutes_quick = 0.2
-    minutes_full = 0.4
+    minutes_quick = 0.1
+    minutes_full = 0.15
     claims = ()
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
@@ -107,7 +107,7 @@ class BNPlacement(Experiment):
             ax.set(
                 title=f"{act}: test accuracy (mean ± std over seeds)",
                 xlabel="training step",
-                ylabel="test accuracy",
+                ylabel="test accuracy (axis from 0.5)",
                 ylim=(0.5, 1.0),
             )
             ax.legend()

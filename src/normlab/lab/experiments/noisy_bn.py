@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +22,37 @@ LABELS = {"plain": "plain", "bn": "BN", "noisy_bn": "BN + noise"}
 
 
 class _NoiseState:
-    """Per-step noise parameters shared by every copy of the layer (deep copies return the same object)."""
+    """The current noise of every member: per-unit shift ``m_t`` and scale ``s_t``, ``(K, C)`` each.
 
-    def __init__(self, width: int, seed: int) -> None:
-        self.gen = torch.Generator().manual_seed(seed)
+    Member ``k`` draws its noise from its own generator (seeded with its run seed), so seeds differ
+    in their noise as in their initialization. Deep copies return the same object: the ensemble's
+    copy of :class:`NoiseInjection` sees every resample.
+    """
+
+    def __init__(self, width: int, seeds: Sequence[int]) -> None:
+        self.gens = [torch.Generator().manual_seed(10_000 + int(s)) for s in seeds]
         self.width = width
         self.resample()
 
     def resample(self) -> None:
-        # a new non-zero mean and non-unit scale per unit at every step (time-varying)
-        self.shift = torch.randn(self.width, generator=self.gen) * 0.5
-        self.scale = torch.exp(torch.empty(self.width).uniform_(-0.7, 0.7, generator=self.gen))
+        """Draw a new non-zero mean m_t ~ N(0, 0.5²) and non-unit scale s_t = exp(U(−0.7, 0.7)) per unit."""
+        w = self.width
+        self.shift = torch.stack([torch.randn(w, generator=g) * 0.5 for g in self.gens])
+        self.scale = torch.stack(
+            [torch.exp(torch.empty(w).uniform_(-0.7, 0.7, generator=g)) for g in self.gens]
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _NoiseState:
         return self
 
 
 class NoiseInjection(nn.Module):
-    """``y ↦ scale_t ⊙ y + shift_t`` in training (the distribution the next layer sees moves every step)."""
+    """``y ↦ s_t ⊙ y + m_t`` in training mode, identity in eval mode (Santurkar et al. 2018, §2.1).
+
+    ``y`` is ``(K, N, C)`` inside an ensemble (member ``k`` gets row ``k`` of the noise) or ``(N, C)``
+    for a single model (row 0). The noise changes whenever :meth:`_NoiseState.resample` runs (every
+    step, from the trainer's ``step_hook``), so the distribution the next layer sees moves over time.
+    """
 
     def __init__(self, state: _NoiseState) -> None:
         super().__init__()
@@ -48,7 +61,14 @@ class NoiseInjection(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        return x * self.state.scale.to(x.dtype) + self.state.shift.to(x.dtype)
+        scale, shift = self.state.scale.to(x.dtype), self.state.shift.to(x.dtype)  # (K, C)
+        if x.dim() == 3:  # (K, N, C)
+            if x.shape[0] != scale.shape[0]:
+                raise ValueError(
+                    f"NoiseInjection holds noise for {scale.shape[0]} members, got {x.shape[0]}"
+                )
+            return x * scale.unsqueeze(1) + shift.unsqueeze(1)
+        return x * scale[0] + shift[0]
 
 
 def _model(data: Dataset, arm: str, seed: int, state: _NoiseState | None) -> nn.Sequential:
@@ -90,13 +110,26 @@ def relu_inputs(ens: EnsembleMLP, x: Tensor) -> list[Tensor]:
     return out
 
 
+QUANTILES = (0.05, 0.15, 0.5, 0.85, 0.95)
+TRACKED = (DEPTH // 2, 0)  # (hidden layer, unit) whose ReLU-input distribution is plotted over time
+
+
 def instability_probe(x: Tensor) -> Any:
-    """Per member and layer: each unit's mean and std of its ReLU input over ``x``."""
+    """Per member: each unit's mean and std of its ReLU input over ``x`` (every layer), and the
+    :data:`QUANTILES` of the :data:`TRACKED` unit's ReLU input (the histograms of Santurkar et al.'s Fig. 2)."""
+    q = torch.tensor(QUANTILES)
 
     def probe(step: int, ens: EnsembleMLP) -> list[dict[str, Any]]:
-        stats = [(h.mean(1), h.std(1)) for h in relu_inputs(ens, x)]  # per layer: (K, C) each
+        hs = relu_inputs(ens, x)  # per layer (K, N, C)
+        stats = [(h.mean(1), h.std(1)) for h in hs]  # per layer: (K, C) each
+        layer, unit = TRACKED
+        quant = torch.quantile(hs[layer][:, :, unit], q, dim=1).T  # (K, len(QUANTILES))
         return [
-            {"moments": [[m[k].tolist(), s[k].tolist()] for m, s in stats]} for k in range(ens.k)
+            {
+                "moments": [[m[k].tolist(), s[k].tolist()] for m, s in stats],
+                "quantiles": quant[k].tolist(),
+            }
+            for k in range(ens.k)
         ]
 
     return probe
@@ -121,8 +154,8 @@ class NoisyBN(Experiment):
     setup = (
         f"MLP with {DEPTH} hidden layers of {WIDTH} ReLU units, He init, SGD lr {LR} (a high rate), batch 64, "
         "10 epochs; plain vs BN vs BN + noise: after every BN, y ↦ s_t ⊙ y + m_t with a new per-unit scale "
-        "s_t = exp(U(−0.7, 0.7)) and shift m_t ~ N(0, 0.5²) at every step (the noise sequence is shared by "
-        "the seeds; off in eval mode). Distributional instability: mean over layers, units and consecutive "
+        "s_t = exp(U(−0.7, 0.7)) and shift m_t ~ N(0, 0.5²) at every step (each seed its own noise "
+        "sequence; off in eval mode). Distributional instability: mean over layers, units and consecutive "
         "evaluations (every 20 steps, the test set, network as it trains) of |Δmean| + |Δstd| of each ReLU's "
         "input. A run that diverges counts as accuracy 0."
     )
@@ -131,8 +164,8 @@ class NoisyBN(Experiment):
         "BN networks and both outperform the unnormalized network, although the noisy network's activation "
         "distributions are far less stable (Fig. 2)."
     )
-    minutes_quick = 0.3
-    minutes_full = 0.5
+    minutes_quick = 0.1
+    minutes_full = 0.15
     claims = (
         Claim(
             "noisy_matches_bn",
@@ -167,14 +200,14 @@ class NoisyBN(Experiment):
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False
     ) -> dict[str, Any]:
         arm = config["arm"]
-        state = _NoiseState(WIDTH, seed=1234) if arm == "noisy_bn" else None
+        state = _NoiseState(WIDTH, config["seeds"]) if arm == "noisy_bn" else None
         models = [_model(data, arm, s, state) for s in config["seeds"]]
         cfg = TrainConfig(
             optimizer="sgd", lr=LR, batch_size=64, epochs=config["epochs"], eval_every=20
         )
         hook = (lambda step, ens: state.resample()) if state is not None else None
         results, _ = train_ensemble(
-            copy.copy(models),
+            models,
             data,
             cfg,
             seeds=config["seeds"],
@@ -191,10 +224,7 @@ class NoisyBN(Experiment):
                     "steps": r.steps,
                     "test_acc": r.test_acc,
                     "instability": instability(r.probes["moments"]) if not r.diverged else None,
-                    # one unit's input distribution over time (middle layer, unit 0): mean, std
-                    "unit_trajectory": [
-                        [m[DEPTH // 2][0][0], m[DEPTH // 2][1][0]] for m in r.probes["moments"]
-                    ],
+                    "unit_quantiles": r.probes["quantiles"],  # (T, len(QUANTILES))
                 }
                 for r in results
             ]
@@ -237,32 +267,31 @@ class NoisyBN(Experiment):
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
         from ..plots import new_figure, save
 
-        fig, (ax, dist) = new_figure(1, 2, width=14)
-        for arm, recs in self._by(results).items():
-            band(ax, recs[0]["steps"], [r["test_acc"] for r in recs], label=LABELS[arm])
-            traj = np.asarray(recs[0]["unit_trajectory"], dtype=float)
-            steps = recs[0]["steps"][: len(traj)]
-            line = dist.plot(steps, traj[:, 0], label=f"{LABELS[arm]}: mean")[0]
-            dist.fill_between(
-                steps,
-                traj[:, 0] - traj[:, 1],
-                traj[:, 0] + traj[:, 1],
-                color=line.get_color(),
-                alpha=0.2,
-            )
-        ax.set(
+        by = self._by(results)
+        fig, axes = new_figure(2, 2, width=12, height=8)
+        for arm, recs in by.items():
+            band(axes[0], recs[0]["steps"], [r["test_acc"] for r in recs], label=LABELS[arm])
+        axes[0].set(
             title=f"Test accuracy at lr {LR} (mean ± std over seeds)",
             xlabel="training step",
             ylabel="test accuracy",
             ylim=(0, 1.02),
         )
-        ax.legend()
-        dist.set(
-            title=f"One unit's ReLU input over training (layer {DEPTH // 2 + 1}, mean ± std over the test set)",
-            xlabel="training step",
-            ylabel="ReLU input",
-        )
-        dist.legend(fontsize=8)
+        axes[0].legend()
+        layer, unit = TRACKED
+        for ax, (arm, recs) in zip(axes[1:], by.items()):
+            q = np.asarray(recs[0]["unit_quantiles"], dtype=float)  # (T, 5): first seed
+            steps = recs[0]["steps"][: len(q)]
+            ax.fill_between(steps, q[:, 0], q[:, 4], alpha=0.2, color="C0", label="5–95 %")
+            ax.fill_between(steps, q[:, 1], q[:, 3], alpha=0.4, color="C0", label="15–85 %")
+            ax.plot(steps, q[:, 2], color="C0", label="median")
+            ax.set(
+                title=f"{LABELS[arm]}: ReLU input of layer {layer + 1}, unit {unit} (seed {recs[0]['seed']})\n"
+                f"instability over seeds: {fmt([r['instability'] for r in recs], 2)}",
+                xlabel="training step",
+                ylabel="ReLU input (quantiles)",
+            )
+            ax.legend(fontsize=8)
         path = out_dir / "noisy_bn.png"
         save(fig, path)
         return [path]
