@@ -124,7 +124,10 @@ def write_report(out: Path) -> tuple[Path, Path]:
         except Exception as exc:  # a broken figure must not cost the report
             pngs = []
             md.append(f"> plot failed: {type(exc).__name__}: {exc}\n")
-        table = exp.table(results)
+        try:
+            table = exp.table(results)
+        except Exception as exc:  # e.g. results stored by an older version: report, do not crash
+            table = f"> table failed: {type(exc).__name__}: {exc}"
         title = f"{exp.name} — {rec['dataset']}" + (" (quick)" if rec.get("quick") else "")
         exp_rows = claims_rows([rec])
         md += [

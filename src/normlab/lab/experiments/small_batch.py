@@ -93,7 +93,9 @@ class SmallBatch(Experiment):
         "GroupNorm stays at 24.1–24.7%. Ioffe 2017: with minibatches of 4, Batch Renorm reaches 76.5% vs "
         "BN's 74.2% accuracy (BN at batch 32: 78.3%)."
     )
-    minutes_quick = 0.6  # measured on digits, 2 shared cores: ~37 s quick (4 epochs), ~5.7 min full (5 seeds)
+    minutes_quick = (
+        0.6  # measured on digits, 2 shared cores: ~37 s quick (4 epochs), ~5.7 min full (5 seeds)
+    )
     minutes_full = 6.0
     claims = (
         Claim(
