@@ -168,3 +168,25 @@ def test_sigkill_mid_run_leaves_no_corrupt_file_and_rerun_completes(tmp_path: Pa
     )
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(store.claims_path.read_text())["claims"][0]["passed"] is True
+
+
+class _Broken(_Toy):
+    name = "toy"
+
+    def table(self, results: Results) -> str:
+        raise KeyError("dataset")
+
+    def plot(self, results: Results, out_dir: Path) -> list[Path]:
+        raise ValueError("no figure")
+
+
+def test_report_survives_a_broken_table_and_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = _Broken()
+    run_experiment(exp, "synthetic", seeds=[0], quick=True, out=tmp_path)
+    monkeypatch.setitem(REGISTRY, "toy", exp)
+    md, _ = write_report(tmp_path)
+    text = md.read_text()
+    assert "table failed: KeyError" in text and "plot failed: ValueError: no figure" in text
+    assert "PASS" in text  # the claims are still reported
