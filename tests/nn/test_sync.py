@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,12 +14,6 @@ from torch import nn
 import normlab.nn as nlnn
 
 SPLITS = {"equal": (4, 4), "uneven": (5, 3), "empty_rank": (8, 0)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reference(x: torch.Tensor, g: torch.Tensor, steps: int = 2) -> dict[str, torch.Tensor]:
@@ -42,9 +34,10 @@ def _reference(x: torch.Tensor, g: torch.Tensor, steps: int = 2) -> dict[str, to
     }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out: str) -> None:
+    # A FileStore rendezvous: no TCP port to pick, so no race with other processes for it.
+    store = dist.FileStore(str(Path(out, "store")), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         x = torch.randn(8, 3, 4, 4) * 2 + 1
@@ -74,14 +67,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         assert isinstance(model[1], nlnn.SyncBatchNorm)
         ddp = nn.parallel.DistributedDataParallel(model)
         ddp(x[rank * 4 : rank * 4 + 4]).sum().backward()
+        del ddp  # its reducer must not outlive the process group
         Path(out, f"ok{rank}").write_text("ok")
+        # Both ranks reach here before either tears gloo down: a rank that closes its pairs
+        # while the other still reads from them aborts the other (seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_sync_batchnorm_two_processes(tmp_path: Path) -> None:
     ctx = mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.time() + 90
     while not ctx.join(timeout=1):
@@ -89,7 +86,7 @@ def test_sync_batchnorm_two_processes(tmp_path: Path) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("SyncBatchNorm test hung (a collective was never matched)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok0", "ok1"]
+    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
 
 
 def test_single_process_is_batchnorm() -> None:
