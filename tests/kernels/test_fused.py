@@ -121,6 +121,26 @@ def test_large_mean_has_no_cancellation(layout: str) -> None:
     torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(("shape", "layout"), PARITY_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_stats_match_forward_and_float64(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype
+) -> None:
+    """``stats`` (Batch Renorm's statistics pass) = the forward's statistics = float64 (1e4 offset)."""
+    x = (_input(shape, layout).double() + 1e4).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
+    mean, var = FusedKernel.stats(x)
+    _, fmean, fvar, _ = FusedKernel.forward_train(x, None, None, 1e-5)
+    assert mean.dtype == fmean.dtype and torch.equal(mean, fmean) and torch.equal(var, fvar)
+    dims = (0, *range(2, x.dim()))
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(dims), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), xd.var(dims, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
 def test_gradcheck_float64() -> None:
     x = torch.randn(3, 2, 4, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)

@@ -44,6 +44,9 @@ class BatchNormKernel(Protocol):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
 
     @staticmethod
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    @staticmethod
     def forward_eval(
         x: Tensor,
         running_mean: Tensor,

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ._backend import BatchNormKernel, resolve_kernel
 from ._reference import reference_train_output
-from ._stats import batch_norm_stats
 
 __all__ = [
     "NonFinite",
@@ -91,7 +90,7 @@ class _BatchNormCorrected(torch.autograd.Function):
         kernel: BatchNormKernel,
         correction: Correction,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var, _ = batch_norm_stats(x)  # (C,) in the accumulation dtype
+        mean, var = kernel.stats(x)  # (C,) in the accumulation dtype
         r, d = correction(mean, var)
         w_eff = r if weight is None else weight.to(r.dtype) * r
         b_eff = (

@@ -82,6 +82,12 @@ class ReferenceKernel:
         return normalize(x, mean, invstd, weight, bias, mask), mean, var, invstd
 
     @staticmethod
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(mean, biased var)`` in the accumulation dtype (two passes)."""
+        mean, var, _ = batch_norm_stats(x)
+        return mean, var
+
+    @staticmethod
     def backward_train(
         dy: Tensor,
         x: Tensor,

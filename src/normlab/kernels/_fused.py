@@ -190,6 +190,15 @@ class FusedKernel:
         return (dx if needs[0] else None, dw if want_w else None, db if needs[2] else None)
 
     @staticmethod
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, biased var)`` in one pass of shifted sums (the forward's reduction alone)."""
+        ops = _supported(x)
+        if ops is None:
+            return NativeKernel.stats(x)
+        mean, var = ops.stats(x)
+        return mean, var
+
+    @staticmethod
     def forward_eval(
         x: Tensor,
         running_mean: Tensor,

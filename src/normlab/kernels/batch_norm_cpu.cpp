@@ -566,6 +566,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
   return {y, mean, var, invstd};
 }
 
+// ====================== statistics only ======================
+// (mean, biased var) per channel: the forward's reduction without the normalize pass. Batch
+// Renormalization needs the batch statistics before it can pick its affine correction.
+template <typename T>
+void stats_impl(const Tensor& x, const Shape& sh, Tensor& mean_t, Tensor& var_t) {
+  using A = acc_t<T>;
+  const T* px = x.data_ptr<T>();
+  A* pm = mean_t.data_ptr<A>();
+  A* pv = var_t.data_ptr<A>();
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const double n = static_cast<double>(N) * S;
+  if (sh.layout == Layout::NCS) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A shift = load(px[c * S]);
+        double s = 0, q = 0;
+        for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
+        const double dm = s / n;
+        pm[c] = static_cast<A>(shift + dm);
+        pv[c] = static_cast<A>(std::max(0.0, q / n - dm * dm));
+      }
+    });
+    return;
+  }
+  std::vector<A> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
+  std::vector<double> s, q;
+  rows_reduce<T>(N * S, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
+    rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double dm = s[c] / n;
+    pm[c] = static_cast<A>(shift[c] + dm);
+    pv[c] = static_cast<A>(std::max(0.0, q[c] / n - dm * dm));
+  }
+}
+
+std::tuple<Tensor, Tensor> stats(const Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
+  Tensor x = input;
+  const Shape sh = layout_of(x);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = x.options().dtype(acc);
+  Tensor mean = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_stats",
+                                  [&] { stats_impl<scalar_t>(x, sh, mean, var); });
+  return {mean, var};
+}
+
 // ====================== train backward ======================
 template <typename T, bool ACT>
 void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& gamma,
@@ -778,6 +828,7 @@ TORCH_LIBRARY(normlab_fused, m) {
   m.def(
       "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, float? slope, "
       "bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("stats(Tensor x) -> (Tensor, Tensor)");
   m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "
         "float? slope) -> Tensor");
 }
@@ -786,4 +837,5 @@ TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
   m.impl("forward_train", &forward_train);
   m.impl("backward_train", &backward_train);
   m.impl("forward_eval", &forward_eval);
+  m.impl("stats", &stats);
 }
