@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import normlab.nn as nlnn
+from normlab.kernels import fused_available
 from normlab.nn._ghost import chunk_sizes
 
 
@@ -52,9 +53,12 @@ def test_renorm_with_unit_limits_is_batchnorm(
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_renorm_matches_autograd_reference_when_r_d_are_active() -> None:
+@pytest.mark.parametrize("backend", ["reference", "native", "fused"])
+def test_renorm_matches_autograd_reference_when_r_d_are_active(backend: str) -> None:
+    if backend == "fused" and not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
     torch.manual_seed(0)
-    m = nlnn.BatchRenorm1d(4, r_max=1.5, d_max=0.5, momentum=0.5)
+    m = nlnn.BatchRenorm1d(4, r_max=1.5, d_max=0.5, momentum=0.5, backend=backend)
     with torch.no_grad():
         m.running_mean.copy_(torch.tensor([3.0, -3.0, 0.1, 0.0]))
         m.running_var.copy_(torch.tensor([0.1, 9.0, 1.0, 1.0]))
@@ -131,12 +135,15 @@ def test_chunk_sizes(n: int, v: int, expected: tuple[int, int, int]) -> None:
 
 @pytest.mark.parametrize("n", [64, 70, 65, 20, 33])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str, backend: str) -> None:
+    if backend == "fused" and not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
     torch.manual_seed(n)
     x = torch.randn(n, 4, 3, 2) * 2 + 1
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    ours = nlnn.GhostBatchNorm2d(4, virtual_batch_size=32)
+    ours = nlnn.GhostBatchNorm2d(4, virtual_batch_size=32, backend=backend)
     _set_affine(ours)
     xg = x.clone().requires_grad_()
     y = ours(xg)
@@ -163,14 +170,14 @@ def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str) -> None:
     g = torch.randn_like(y)
     y.backward(g)
     xr = x.clone().requires_grad_()
+    w, b = (p.detach().clone().requires_grad_() for p in (ours.weight, ours.bias))
     ref_out = torch.cat(
-        [
-            torch.nn.functional.batch_norm(xr[lo:hi], None, None, ours.weight, ours.bias, True)
-            for lo, hi in bounds
-        ]
+        [torch.nn.functional.batch_norm(xr[lo:hi], None, None, w, b, True) for lo, hi in bounds]
     )
     ref_out.backward(g)
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_ghost_is_batchnorm_when_virtual_batch_covers_the_batch() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train, channel_view
+from ..functional import NonFinite, batch_norm_train
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
@@ -68,12 +68,18 @@ class _GhostBatchNorm(NormBase):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
     def _normalize_chunks(self, x: Tensor, g: int, v: int) -> tuple[Tensor, Tensor, Tensor]:
-        """x̂ of ``g`` full chunks of ``v`` samples, and their (g, C) means and biased variances."""
+        """y of ``g`` full chunks of ``v`` samples, and their (g, C) means and biased variances.
+
+        The chunks are folded into channels, ``(g·v, C, *) → (v, g·C, *)``, so one batch-norm
+        call (with γ, β repeated per chunk) normalizes them all: no loop over chunks.
+        """
         c, rest = x.shape[1], x.shape[2:]
         folded = x.reshape(g, v, c, *rest).transpose(0, 1).reshape(v, g * c, *rest)  # (v, G·C, *)
-        xhat, mean, var = batch_norm_train(folded, None, None, self.eps, backend=self.backend)
-        xhat = xhat.reshape(v, g, c, *rest).transpose(0, 1).reshape(g * v, c, *rest)
-        return xhat, mean.view(g, c), var.view(g, c)
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        y, mean, var = batch_norm_train(folded, weight, bias, self.eps, backend=self.backend)
+        y = y.reshape(v, g, c, *rest).transpose(0, 1).reshape(g * v, c, *rest)
+        return y, mean.view(g, c), var.view(g, c)
 
     def _train_forward(
         self, x: Tensor, mask: Tensor | None, n: int
@@ -84,29 +90,25 @@ class _GhostBatchNorm(NormBase):
         spatial = n // x.shape[0]
         parts, means, variances = [], [], []
         if full:
-            xhat, mean, var = self._normalize_chunks(x[: full * v], full, v)
-            parts.append(xhat)
+            y, mean, var = self._normalize_chunks(x[: full * v], full, v)
+            parts.append(y)
             means.append(mean)
             variances.append(var * (v * spatial / (v * spatial - 1)))
         if last:
-            xhat, mean, var = batch_norm_train(
-                x[full * v :], None, None, self.eps, backend=self.backend
+            y, mean, var = batch_norm_train(
+                x[full * v :], self.weight, self.bias, self.eps, backend=self.backend
             )
-            parts.append(xhat)
+            parts.append(y)
             means.append(mean[None])
             variances.append(var[None] * (last * spatial / (last * spatial - 1)))
-        xhat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if x.dim() >= 4 and x.is_contiguous(
             memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         ):
-            xhat = xhat.contiguous(
+            y = y.contiguous(
                 memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
             )
-        if self.weight is not None:
-            xhat = xhat * channel_view(self.weight.to(xhat.dtype), x.dim()) + channel_view(
-                self.bias.to(xhat.dtype), x.dim()
-            )
-        return xhat, torch.cat(means).mean(0), torch.cat(variances).mean(0)
+        return y, torch.cat(means).mean(0), torch.cat(variances).mean(0)
 
 
 class GhostBatchNorm1d(_GhostBatchNorm):
