@@ -82,3 +82,17 @@ def test_instability_and_log_ratio() -> None:
     history = [np.zeros((2, 2, 3)), np.ones((2, 2, 3))]  # (T, L, mean/std, C): |Δmean| + |Δstd| = 2
     assert instability(history) == pytest.approx(2.0)
     assert _max_log_ratio([1.0, 1.25, 1.0]) == pytest.approx(np.log(1.25))
+
+
+def test_claims_render_accuracy_levels_per_dataset() -> None:
+    """Claim texts name the level actually tested: 90% on digits, 80% on Fashion-MNIST."""
+    he = REGISTRY["xavier_vs_he"].claim("he_acc", "fashion-mnist")
+    assert "≥ 80% test accuracy" in he.statement
+    assert "≥ 90% test accuracy" in REGISTRY["xavier_vs_he"].claim("he_acc").statement
+    lr = REGISTRY["learning_rate"].claim("max_lr_ratio", "fashion-mnist")
+    assert "≥ 0.70 test accuracy" in lr.quantity
+    for exp in REGISTRY.values():  # no placeholder is left unrendered anywhere
+        for c in exp.claims:
+            for ds in ("digits", "fashion-mnist"):
+                rendered = exp.claim(c.name, ds)
+                assert "{" not in rendered.statement + rendered.quantity, (exp.name, c.name)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -66,9 +67,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+_LEVEL = re.compile(r"\{(pct|level):(\d*\.\d+)\}")
+
+
 @dataclass(frozen=True)
 class Claim:
-    """A published claim as a measurable comparison: ``measured <comparison> threshold``."""
+    """A published claim as a measurable comparison: ``measured <comparison> threshold``.
+
+    ``statement`` and ``quantity`` may name absolute accuracy levels as ``{pct:0.90}`` (shown
+    as "90%") or ``{level:0.80}`` (shown as "0.80"); :meth:`for_dataset` renders them at the
+    dataset's level (:func:`accuracy_level`), so a Fashion-MNIST claim reads "80%".
+    """
 
     name: str
     statement: str
@@ -80,6 +89,19 @@ class Claim:
     def __post_init__(self) -> None:
         if self.comparison not in _OPS:
             raise ValueError(f"comparison must be one of {sorted(_OPS)}, got {self.comparison!r}")
+
+    def for_dataset(self, dataset: str) -> Claim:
+        """This claim with its accuracy levels rendered for ``dataset``."""
+
+        def render(m: re.Match[str]) -> str:
+            level = accuracy_level(float(m.group(2)), dataset)
+            return f"{level:.0%}" if m.group(1) == "pct" else f"{level:.2f}"
+
+        return replace(
+            self,
+            statement=_LEVEL.sub(render, self.statement),
+            quantity=_LEVEL.sub(render, self.quantity),
+        )
 
     def check(
         self, values: Sequence[float] | float, *, threshold: float | None = None
@@ -134,10 +156,11 @@ class Experiment:
     def table(self, results: Results) -> str:
         return ""
 
-    def claim(self, name: str) -> Claim:
+    def claim(self, name: str, dataset: str = "digits") -> Claim:
+        """The declared claim ``name``, its accuracy levels rendered for ``dataset``."""
         for c in self.claims:
             if c.name == name:
-                return c
+                return c.for_dataset(dataset)
         raise KeyError(f"{self.name} declares no claim {name!r}")
 
 

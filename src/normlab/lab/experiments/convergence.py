@@ -106,9 +106,9 @@ class Convergence(Experiment):
     claims = (
         Claim(
             "steps_ratio",
-            "BN reaches 90% test accuracy in ≤ 1/3 of the steps plain needs",
+            "BN reaches {pct:0.90} test accuracy in ≤ 1/3 of the steps plain needs",
             paper,
-            "steps to 90% (BN) / steps to 90% (plain); never reached = full budget",
+            "steps to {pct:0.90} (BN) / steps to {pct:0.90} (plain); never reached = full budget",
             "<=",
             1 / 3,
         ),
@@ -201,7 +201,7 @@ class Convergence(Experiment):
             ratios.append(s_bn / max(s_plain, 1))
             drifts.append(bn["drift"] / plain["drift"])
         return [
-            self.claim("steps_ratio").check(ratios),
+            self.claim("steps_ratio", dataset).check(ratios),
             self.claim("drift_ratio").check(drifts),
         ]
 

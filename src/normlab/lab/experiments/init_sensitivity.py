@@ -48,7 +48,7 @@ class InitSensitivity(Experiment):
             "count_ratio",
             "BN tolerates ≥ 2× as many initial weight scales as plain",
             paper,
-            "scales with seed-mean accuracy ≥ 0.80: BN / plain (ReLU)",
+            "scales with seed-mean accuracy ≥ {level:0.80}: BN / plain (ReLU)",
             ">=",
             2.0,
         ),
@@ -56,7 +56,7 @@ class InitSensitivity(Experiment):
             "bn_count",
             "BN tolerates ≥ 10 of the 20 weight scales",
             paper,
-            "scales with seed-mean accuracy ≥ 0.80 (BN, ReLU)",
+            "scales with seed-mean accuracy ≥ {level:0.80} (BN, ReLU)",
             ">=",
             10.0,
         ),
@@ -122,7 +122,10 @@ class InitSensitivity(Experiment):
         counts = self._counts(results, dataset)
         plain, bn = counts[("none", "relu")], counts[("bn", "relu")]
         ratio = bn / plain if plain else (math.inf if bn else float("nan"))
-        return [self.claim("count_ratio").check(ratio), self.claim("bn_count").check(bn)]
+        return [
+            self.claim("count_ratio", dataset).check(ratio),
+            self.claim("bn_count", dataset).check(bn),
+        ]
 
     def table(self, results: Results) -> str:
         dataset = results[0][0]["dataset"]
@@ -164,7 +167,7 @@ class InitSensitivity(Experiment):
                 label=label,
                 lw=2.5 if act == "relu" else 1.2,
             )
-        axes[0].axhline(0.80, color="gray", ls=":", lw=1)
+        axes[0].axhline(accuracy_level(0.80, results[0][0]["dataset"]), color="gray", ls=":", lw=1)
         axes[0].set_xscale("log")
         axes[0].set(
             title="Test accuracy after 30 epochs vs initial weight std",

@@ -48,7 +48,7 @@ class LearningRate(Experiment):
             "max_lr_ratio",
             "BN's largest stable learning rate is ≥ 10× plain's",
             paper,
-            "max stable lr (BN) / max stable lr (plain); stable = every seed finite and ≥ 0.80 test accuracy",
+            "max stable lr (BN) / max stable lr (plain); stable = every seed finite and ≥ {level:0.80} test accuracy",
             ">=",
             10.0,
         ),
@@ -96,7 +96,7 @@ class LearningRate(Experiment):
         level = accuracy_level(0.80, dataset)
         plain, bn = max_stable_lr(by["none"], level), max_stable_lr(by["bn"], level)
         ratio = bn / plain if plain > 0 else (math.inf if bn > 0 else float("nan"))
-        return [self.claim("max_lr_ratio").check(ratio)]
+        return [self.claim("max_lr_ratio", dataset).check(ratio)]
 
     def table(self, results: Results) -> str:
         by = grouped(members(results), lambda r: (r["config"]["norm"], r["lr"]))

@@ -35,7 +35,7 @@ class XavierVsHe(Experiment):
     claims = (
         Claim(
             "he_acc",
-            "He init trains the 30-layer ReLU net to ≥ 90% test accuracy",
+            "He init trains the 30-layer ReLU net to ≥ {pct:0.90} test accuracy",
             paper,
             "final test accuracy (He)",
             ">=",
@@ -115,7 +115,7 @@ class XavierVsHe(Experiment):
         he = [r["final_test_acc"] for r in g[("sgd", "he")]]
         xavier = [r["final_test_acc"] for r in g[("sgd", "xavier")]]
         return [
-            self.claim("he_acc").check(he, threshold=accuracy_level(0.90, dataset)),
+            self.claim("he_acc", dataset).check(he, threshold=accuracy_level(0.90, dataset)),
             self.claim("xavier_acc").check(xavier),
         ]
 
