@@ -66,7 +66,9 @@ def test_ensemble_equals_sequential(norm: str, optimizer: str, momentum: float) 
     for k, s in enumerate(seeds):
         ref = _sequential(make(s), data, cfg, s, lrs[k])
         for (name, a), (_, b) in zip(trained[k].state_dict().items(), ref.state_dict().items()):
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5, msg=name)
+            # 25 SGD steps (momentum 0.9) amplify fp32 rounding differences of batched vs single
+            # matmuls to a few 1e-5 relative on some CPUs: rtol 1e-4 still catches any real error.
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
         with torch.no_grad():
             acc = (ref(data.x_test).argmax(1) == data.y_test).float().mean().item()
         assert results[k].final_test_acc == pytest.approx(acc, abs=1e-6)
