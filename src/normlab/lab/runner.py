@@ -13,9 +13,10 @@ from .store import RunStore, atomic_write_json, config_hash, provenance
 
 __all__ = ["QUICK_SUBSET", "load_claims", "load_results", "run_experiment"]
 
-QUICK_SUBSET = (
-    10_000  # --quick on the large datasets trains on a fixed stratified 10k-sample subset
-)
+# --quick on the large datasets trains on a fixed stratified 5k-sample training subset (the test set stays
+# whole). The issue allows up to 10k; at 10k the suite needs ~30 min on 2 cores, over its 20-minute budget,
+# while 5k keeps every setup's epochs unchanged (no experiment has a separate, shorter fashion schedule).
+QUICK_SUBSET = 5_000
 
 
 def _dataset_for(name: str, *, quick: bool, data_dir: Path | None) -> Dataset:
