@@ -69,9 +69,9 @@ def test_act_and_variant_cases_run() -> None:
     assert all(c.baseline_label == "normlab BN" for c in variants)
 
 
-def test_fused_bn_act_module_matches_torch() -> None:
+def test_bench_bn_act_module_matches_torch() -> None:
     x = torch.randn(4, 3, 6, 5)
-    ours = _bn.FusedBatchNormAct2d(3, 0.01)
+    ours = _bn._bn_act(3, 0.01)
     ref = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.LeakyReLU(0.01))
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref[0].running_var)

@@ -6,7 +6,7 @@ Suites (each ``BenchOptions -> list[Case]``):
   ResNet-50 stage shapes at batch 32, plus ``(N, C, L)`` and ``(N, F)``; NCHW and
   channels_last; fp32 and bf16; train fwd, train fwd+bwd, eval fwd.
 * ``act`` — BN + leaky ReLU as one fused op vs torch ``BatchNorm2d`` + ``LeakyReLU``.
-* ``variants`` — Renorm / Ghost vs normlab's own ``BatchNorm2d`` (when installed).
+* ``variants`` — Renorm / Ghost vs normlab's own ``BatchNorm2d``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 from torch import Tensor
 
 from .. import nn as nlnn
-from ..functional import update_running_stats_
-from ..kernels import batch_norm_act_train, fused_forward_eval
 from ._core import BenchOptions, Case, Traffic
 
 __all__ = [
@@ -159,40 +157,8 @@ def bn_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> li
     return cases
 
 
-class FusedBatchNormAct2d(torch.nn.BatchNorm2d):
-    """BN + leaky ReLU on normlab's one-pass fused kernels (the benchmark's stand-in for
-    ``normlab.nn.BatchNormAct2d`` where that layer is not installed)."""
-
-    def __init__(self, num_features: int, negative_slope: float = 0.01) -> None:
-        super().__init__(num_features)
-        self.negative_slope = negative_slope
-
-    def forward(self, x: Tensor) -> Tensor:
-        assert self.running_mean is not None and self.running_var is not None
-        if not self.training:
-            return fused_forward_eval(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                self.negative_slope,
-            )  # fmt: skip
-        z, mean, var = batch_norm_act_train(
-            x, self.weight, self.bias, self.eps, self.negative_slope
-        )
-        n = x.numel() // x.shape[1]
-        with torch.no_grad():
-            update_running_stats_(
-                self.running_mean, self.running_var, mean, var * (n / (n - 1)), self.momentum or 0.1
-            )
-        return z
-
-
 def _bn_act(channels: int, negative_slope: float) -> torch.nn.Module:
-    layer = getattr(nlnn, "BatchNormAct2d", None)
-    if layer is None:
-        return FusedBatchNormAct2d(channels, negative_slope)
-    module: torch.nn.Module = layer(
-        channels, activation="leaky_relu", negative_slope=negative_slope
-    )
-    return module
+    return nlnn.BatchNormAct2d(channels, activation="leaky_relu", negative_slope=negative_slope)
 
 
 def act_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
@@ -209,13 +175,9 @@ def act_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> l
 
 
 def variant_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
-    """Renorm and Ghost (when ``normlab.nn`` has them) vs normlab's own ``BatchNorm2d``."""
+    """Renorm and Ghost vs normlab's own ``BatchNorm2d`` (same backend, same shape)."""
     cases: list[Case] = []
-    variants = [
-        (name, getattr(nlnn, name))
-        for name in ("BatchRenorm2d", "GhostBatchNorm2d")
-        if hasattr(nlnn, name)
-    ]
+    variants = [("BatchRenorm2d", nlnn.BatchRenorm2d), ("GhostBatchNorm2d", nlnn.GhostBatchNorm2d)]
     for shape, layout, dtype in configs(options, shapes):
         if len(shape) != 4:
             continue
