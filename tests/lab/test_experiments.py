@@ -96,3 +96,10 @@ def test_claims_render_accuracy_levels_per_dataset() -> None:
             for ds in ("digits", "fashion-mnist"):
                 rendered = exp.claim(c.name, ds)
                 assert "{" not in rendered.statement + rendered.quantity, (exp.name, c.name)
+
+
+def test_a_diverged_seed_stored_as_null_fails_the_claim_not_the_run() -> None:
+    claim = REGISTRY["xavier_vs_he"].claim("he_acc")
+    result = claim.check([0.95, None, 0.97])
+    assert not result.passed and np.isnan(result.mean) and np.isnan(result.values[1])
+    assert claim.check([0.95, 0.96, 0.97]).passed

@@ -67,6 +67,10 @@ def test_claims_fail_on_the_wrong_side_of_their_thresholds() -> None:
 def test_a_diverged_seed_fails_the_claim_it_enters() -> None:
     claims = _claims(_acc(bn_2=[0.2, float("nan"), 0.2], bn_32=[0.95] * 3))
     assert not claims["bn_drop"].passed and not claims["renorm_gain"].passed
+    # as stored: a diverged member's accuracy is JSON null (this crashed a full run once)
+    claims = _claims(_acc(renorm_2=[0.7, None, 0.7], bn_2=[0.2] * 3))  # type: ignore[list-item]
+    assert claims["bn_drop"].passed and not claims["renorm_gain"].passed
+    assert "diverged" in EXP.table(_results(_acc(renorm_2=[0.7, None, 0.7])))  # type: ignore[list-item]
 
 
 def test_renorm_ramp_is_plain_bn_then_linear_to_its_limit() -> None:

@@ -86,7 +86,8 @@ class SmallBatch(Experiment):
         f"Full runs train {FULL_EPOCHS} epochs at every batch size (the issue's setup: 1 + 2 of 20 epochs for "
         f"Renorm's ramp); --quick trains {QUICK_EPOCHS} epochs (the same schedule compressed; batch 32 trains a little "
         "less than in full runs, so BN's drop and LayerNorm's spread are understated slightly). "
-        "Extra: Renorm with torch's default momentum 0.1 at batch 2 (its gain over BN is in the table)."
+        "Extra: Renorm with torch's default momentum 0.1 at batch 2 (its gain over BN is in the table). A seed "
+        "that diverges fails the claims it enters (no model to score); the table leaves it out and counts it."
     )
     paper_numbers = (
         "Wu & He 2018 (ImageNet, ResNet-50): BN's error rises from 23.6% at 32 images per GPU to 34.7% at 2, "
@@ -180,11 +181,16 @@ class SmallBatch(Experiment):
 
     @staticmethod
     def _acc(results: Results) -> dict[tuple[str, int], list[float]]:
+        """Final test accuracy per (method, batch), per seed; NaN where a seed diverged (stored as null)."""
         by = grouped(members(results), lambda r: (r["config"]["method"], r["config"]["batch"]))
-        return {k: [r["final_test_acc"] for r in v] for k, v in by.items()}
+        nan = float("nan")
+        return {
+            k: [nan if r["final_test_acc"] is None else r["final_test_acc"] for r in v]
+            for k, v in by.items()
+        }
 
     def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
-        acc = self._acc(results)
+        acc = self._acc(results)  # a diverged seed is NaN: the claims it enters fail
         drop = paired(acc, ("bn", 32), ("bn", 2))
         gain = paired(acc, ("renorm", 2), ("bn", 2))
         ln = [nanmean(acc.get(("layer", b), [])) for b in BATCHES]
