@@ -460,6 +460,41 @@ void rows_reduce(int64_t M, int64_t C, std::vector<double>& a, std::vector<doubl
     }
 }
 
+// ---------- per-channel moments (shared by the train forward and the stats-only pass) ----------
+struct Moments {
+  double dm;   // mean - shift
+  double var;  // biased variance
+};
+
+inline Moments moments(double s, double q, double n) {
+  const double dm = s / n;
+  return {dm, std::max(0.0, q / n - dm * dm)};
+}
+
+// NCS channel c: shifted sums over its N runs of S values, shift = its first value.
+template <typename T>
+inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t c, acc_t<T>& shift) {
+  shift = load(px[c * S]);
+  double s = 0, q = 0;
+  for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
+  return moments(s, q, static_cast<double>(N) * S);
+}
+
+// ROWS: M rows of C channels; shift[c] = the first row's value.
+template <typename T>
+std::vector<Moments> rows_moments(const T* px, int64_t M, int64_t C, std::vector<acc_t<T>>& shift) {
+  using A = acc_t<T>;
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
+  std::vector<double> s, q;
+  rows_reduce<T>(M, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
+    rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
+  });
+  std::vector<Moments> out(C);
+  for (int64_t c = 0; c < C; ++c) out[c] = moments(s[c], q[c], static_cast<double>(M));
+  return out;
+}
+
 // ====================== train forward ======================
 template <typename T, bool ACT>
 void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
@@ -472,16 +507,12 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
   A* pv = var_t.data_ptr<A>();
   A* pi = invstd_t.data_ptr<A>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
-  const double n = static_cast<double>(N) * S;
   const bool stream = use_stream<T>(y, sh);
   if (sh.layout == Layout::NCS) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const A shift = load(px[c * S]);
-        double s = 0, q = 0;
-        for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
-        const double dm = s / n;
-        const double var = std::max(0.0, q / n - dm * dm);
+        A shift;
+        const auto [dm, var] = ncs_moments<T>(px, N, C, S, c, shift);
         const double invstd = 1.0 / std::sqrt(var + eps);
         const A mean = static_cast<A>(shift + dm);
         pm[c] = mean;
@@ -509,15 +540,10 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
     return;
   }
   const int64_t M = N * S;
-  std::vector<A> shift(C), dmean(C), scale(C), bet(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
-  std::vector<double> s, q;
-  rows_reduce<T>(M, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
-    rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
-  });
+  std::vector<A> shift, dmean(C), scale(C), bet(C);
+  const auto mom = rows_moments<T>(px, M, C, shift);
   for (int64_t c = 0; c < C; ++c) {
-    const double dm = s[c] / n;
-    const double var = std::max(0.0, q[c] / n - dm * dm);
+    const auto [dm, var] = mom[c];
     const double invstd = 1.0 / std::sqrt(var + eps);
     dmean[c] = static_cast<A>(dm);
     pm[c] = static_cast<A>(shift[c] + dm);
@@ -576,30 +602,22 @@ void stats_impl(const Tensor& x, const Shape& sh, Tensor& mean_t, Tensor& var_t)
   A* pm = mean_t.data_ptr<A>();
   A* pv = var_t.data_ptr<A>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
-  const double n = static_cast<double>(N) * S;
   if (sh.layout == Layout::NCS) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const A shift = load(px[c * S]);
-        double s = 0, q = 0;
-        for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
-        const double dm = s / n;
+        A shift;
+        const auto [dm, var] = ncs_moments<T>(px, N, C, S, c, shift);
         pm[c] = static_cast<A>(shift + dm);
-        pv[c] = static_cast<A>(std::max(0.0, q / n - dm * dm));
+        pv[c] = static_cast<A>(var);
       }
     });
     return;
   }
-  std::vector<A> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
-  std::vector<double> s, q;
-  rows_reduce<T>(N * S, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
-    rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
-  });
+  std::vector<A> shift;
+  const auto mom = rows_moments<T>(px, N * S, C, shift);
   for (int64_t c = 0; c < C; ++c) {
-    const double dm = s[c] / n;
-    pm[c] = static_cast<A>(shift[c] + dm);
-    pv[c] = static_cast<A>(std::max(0.0, q[c] / n - dm * dm));
+    pm[c] = static_cast<A>(shift[c] + mom[c].dm);
+    pv[c] = static_cast<A>(mom[c].var);
   }
 }
 
