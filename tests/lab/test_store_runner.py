@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from normlab.cli import app
 from normlab.lab.experiments import REGISTRY, Claim, ClaimResult, Experiment, Results
-from normlab.lab.report import write_report
+from normlab.lab.report import claims_rows, write_report
 from normlab.lab.runner import load_claims, run_experiment
 from normlab.lab.store import RunStore, atomic_write_json, config_hash, read_jsonl
 
@@ -190,3 +190,23 @@ def test_report_survives_a_broken_table_and_plot(
     text = md.read_text()
     assert "table failed: KeyError" in text and "plot failed: ValueError: no figure" in text
     assert "PASS" in text  # the claims are still reported
+
+
+def test_claim_row_with_a_diverged_seed_says_so() -> None:
+    rec = {
+        "experiment": "small_batch",
+        "dataset": "digits",
+        "quick": False,
+        "claims": [
+            {
+                "claim": {"statement": "s", "comparison": ">=", "threshold": 0.2},
+                "values": [0.3, None, 0.5],
+                "mean": None,
+                "std": None,
+                "threshold": 0.2,
+                "passed": False,
+            }
+        ],
+    }
+    (row,) = claims_rows([rec])
+    assert row[3] == "n/a (1 of 3 seeds diverged; the others 0.400 ± 0.141)" and row[-1] == "FAIL"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .experiments import REGISTRY
+from .experiments import REGISTRY, mean_std
 from .runner import load_claims, load_results
 
 __all__ = ["claims_rows", "write_report"]
@@ -22,6 +22,20 @@ def _fmt(x: Any) -> str:
         return "n/a"
     ax = abs(float(x))
     return f"{x:.3g}" if ax != 0 and (ax < 0.01 or ax >= 1000) else f"{x:.3f}"
+
+
+def _measured(c: dict[str, Any]) -> str:
+    """``mean ± std``; with a missing (diverged) seed: n/a, how many, and the others' mean ± std."""
+    text = f"{_fmt(c['mean'])} ± {_fmt(c['std'])}"
+    values = c.get("values") or []
+    ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if len(ok) == len(values):
+        return text
+    rest = ""
+    if ok:
+        mean, std = mean_std(ok)
+        rest = f"; the others {_fmt(mean)} ± {_fmt(std)}"
+    return f"n/a ({len(values) - len(ok)} of {len(values)} seeds diverged{rest})"
 
 
 def claims_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -35,7 +49,7 @@ def claims_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                     rec["experiment"],
                     rec["dataset"] + (" (quick)" if rec.get("quick") else ""),
                     claim["statement"],
-                    f"{_fmt(c['mean'])} ± {_fmt(c['std'])}",
+                    _measured(c),
                     f"{claim['comparison']} {_fmt(c['threshold'])}",
                     "PASS" if c["passed"] else "FAIL",
                 ]
