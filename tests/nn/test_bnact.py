@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nlnn
+from normlab.kernels import fused_available
 
 ACTS = [
     ("leaky_relu", {"negative_slope": 0.1}, lambda: nn.LeakyReLU(0.1)),
@@ -17,11 +18,14 @@ ACTS = [
 
 @pytest.mark.parametrize(("activation", "kwargs", "torch_act"), ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_matches_batchnorm_then_activation(
-    activation: str, kwargs: dict, torch_act, layout: str
+    activation: str, kwargs: dict, torch_act, layout: str, backend: str
 ) -> None:
+    if backend == "fused" and not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
     torch.manual_seed(0)
-    ours = nlnn.BatchNormAct2d(6, activation=activation, **kwargs)
+    ours = nlnn.BatchNormAct2d(6, activation=activation, backend=backend, **kwargs)
     bn = nn.BatchNorm2d(6)
     with torch.no_grad():
         bn.weight.uniform_(-1.5, 1.5)  # negative γ too: the inversion keeps the sign
@@ -87,6 +91,13 @@ def test_saved_activation_memory_of_a_20_layer_stack() -> None:
     x = torch.randn(8, 3, 32, 32, requires_grad=True)
     ratio = _saved_bytes(stack(True), x) / _saved_bytes(stack(False), x)
     assert ratio <= 0.6, f"saved-activation memory ratio {ratio:.2f}"
+    if fused_available():  # the fused path (picked by auto for large input) saves only the output too
+        fused = stack(True)
+        for m in fused:
+            if isinstance(m, nlnn.BatchNormAct2d):
+                m.backend = "fused"
+        fused_ratio = _saved_bytes(fused, x) / _saved_bytes(stack(False), x)
+        assert fused_ratio == pytest.approx(ratio), "the fused path must not save more"
 
 
 @pytest.mark.parametrize(

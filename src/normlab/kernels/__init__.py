@@ -1,8 +1,8 @@
 """Fast batch-norm kernels behind ``backend=``.
 
-A kernel is any object with the three static methods of
+A kernel is any object with the static methods of
 :class:`normlab.functional.BatchNormKernel` (``forward_train``, ``backward_train``,
-``forward_eval``), channel axis 1. ``native`` wraps ATen; the performance work
+``stats``, ``forward_eval``), channel axis 1. ``native`` wraps ATen; the performance work
 adds ``fused`` (C++/OpenMP, JIT-compiled on first use) here. Kernels never import from the rest of normlab.
 """
 
@@ -11,6 +11,8 @@ from ._fused import (
     batch_norm_act_train,
     fused_available,
     fused_forward_eval,
+    fused_serves,
+    invert_batch_norm_act,
 )
 from ._native import NativeKernel
 
@@ -20,4 +22,6 @@ __all__ = [
     "batch_norm_act_train",
     "fused_available",
     "fused_forward_eval",
+    "fused_serves",
+    "invert_batch_norm_act",
 ]

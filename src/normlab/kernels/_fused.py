@@ -40,6 +40,8 @@ __all__ = [
     "batch_norm_act_train",
     "fused_available",
     "fused_forward_eval",
+    "fused_serves",
+    "invert_batch_norm_act",
     "load_fused",
 ]
 
@@ -117,6 +119,11 @@ def _venv_ninja() -> bool:
 def fused_available() -> bool:
     """Whether the fused kernels are compiled (compiling them now if needed)."""
     return load_fused() is not None
+
+
+def fused_serves(x: Tensor) -> bool:
+    """Whether the compiled kernels can run on ``x`` (CPU, a float dtype, non-empty, ≥ 2-D)."""
+    return _supported(x) is not None
 
 
 def _supported(x: Tensor) -> Any | None:
@@ -264,6 +271,27 @@ class _BatchNormActTrain(torch.autograd.Function):
             dy, x, weight, mean, invstd, needs, bias=bias, negative_slope=ctx.negative_slope
         )
         return dx, dw, db, None, None
+
+
+def invert_batch_norm_act(
+    y: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    negative_slope: float,
+) -> Tensor | None:
+    """The batch-norm input rebuilt from ``y = leaky_relu(BN(x))`` in one pass (InPlace-ABN's
+    backward), or ``None`` where the compiled kernels cannot serve ``y``.
+
+    ``x = mean + (u − β) / (γ·invstd)`` with ``u = y`` for ``y > 0`` and ``y / negative_slope``
+    otherwise (``negative_slope = 1``: no activation). ``γ`` must be kept away from 0 by the caller.
+    """
+    ops = _supported(y)
+    if ops is None:
+        return None
+    x: Tensor = ops.invert_act(y, mean, invstd, weight, bias, negative_slope)
+    return x
 
 
 def batch_norm_act_train(

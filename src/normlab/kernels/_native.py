@@ -81,12 +81,12 @@ class NativeKernel:
 
     @staticmethod
     def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, biased var)`` by normlab's two-pass reduction: ATen's
-        ``batch_norm_update_stats`` is faster but loses ~5 digits of the variance on
-        channels_last input with a large mean."""
-        from ..functional._stats import batch_norm_stats
-
-        mean, var, _ = batch_norm_stats(x)
+        """``(mean, biased var)`` from ATen's ``batch_norm_update_stats`` (the statistics
+        ATen's own training forward uses). ATen returns bf16/fp16 statistics for bf16/fp16
+        input, so such input is reduced in float32, the accumulation dtype of every backend."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         return mean, var
 
     @staticmethod

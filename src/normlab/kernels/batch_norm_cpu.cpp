@@ -813,6 +813,73 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   });
 }
 
+// ====================== BN + leaky ReLU: the input from the output ======================
+// x = mean + (u - beta) / (gamma * invstd), u = y for y > 0 else y / slope (slope 1: identity).
+// InPlace-ABN keeps only the output y; its backward rebuilds x in this one pass and then runs the
+// ordinary fused backward. gamma must already be kept away from 0 by the caller.
+template <typename T>
+void invert_act_impl(const Tensor& y, const Shape& sh, Tensor& x, const std::vector<double>& mean,
+                     const std::vector<double>& inv_scale, const std::vector<double>& beta, double slope) {
+  using A = acc_t<T>;
+  const T* py = y.data_ptr<T>();
+  T* px = x.data_ptr<T>();
+  const A inv_slope = static_cast<A>(1.0 / slope);
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  if (sh.layout == Layout::NCS) {
+    at::parallel_for(0, N * C, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t c = j % C;
+        const A m = static_cast<A>(mean[c]), k = static_cast<A>(inv_scale[c]), b = static_cast<A>(beta[c]);
+        const T* src = py + j * S;
+        T* dst = px + j * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          const A v = load(src[i]);
+          dst[i] = store<T>(m + ((v > 0 ? v : v * inv_slope) - b) * k);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<A> m(C), k(C), b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    m[c] = static_cast<A>(mean[c]);
+    k[c] = static_cast<A>(inv_scale[c]);
+    b[c] = static_cast<A>(beta[c]);
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, N * S, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* src = py + r * C;
+      T* dst = px + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = load(src[c]);
+        dst[c] = store<T>(m[c] + ((v > 0 ? v : v * inv_slope) - b[c]) * k[c]);
+      }
+    }
+  });
+}
+
+Tensor invert_act(const Tensor& output, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                  const std::optional<Tensor>& bias, double slope) {
+  TORCH_CHECK(output.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  TORCH_CHECK(slope > 0, "normlab fused invert_act: the activation must be invertible (slope > 0)");
+  Tensor y = output;
+  if (y.numel() == 0) return at::empty_like(y);
+  const Shape sh = layout_of(y);
+  Tensor x = at::empty_like(y);
+  const auto m = channel_param(mean, sh.C, 0.0);
+  const auto inv = channel_param(invstd, sh.C, 1.0);
+  const auto gamma = channel_param(weight, sh.C, 1.0);
+  const auto beta = channel_param(bias, sh.C, 0.0);
+  std::vector<double> inv_scale(sh.C);
+  for (int64_t c = 0; c < sh.C; ++c) inv_scale[c] = 1.0 / (gamma[c] * inv[c]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "normlab_fused_invert_act",
+                                  [&] { invert_act_impl<scalar_t>(y, sh, x, m, inv_scale, beta, slope); });
+  return x;
+}
+
 Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
                     std::optional<double> slope) {
@@ -847,6 +914,7 @@ TORCH_LIBRARY(normlab_fused, m) {
       "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, float? slope, "
       "bool[3] needs) -> (Tensor, Tensor, Tensor)");
   m.def("stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("invert_act(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float slope) -> Tensor");
   m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "
         "float? slope) -> Tensor");
 }
@@ -856,4 +924,5 @@ TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
   m.impl("backward_train", &backward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("stats", &stats);
+  m.impl("invert_act", &invert_act);
 }

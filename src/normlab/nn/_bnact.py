@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..functional import NonFinite, channel_view, reduce_dims, resolve_kernel
+from ..kernels import FusedKernel, fused_serves, invert_batch_norm_act
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["Activation", "BatchNormAct1d", "BatchNormAct2d"]
@@ -71,17 +72,29 @@ class _BatchNormActTrain(torch.autograd.Function):
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel = resolve_kernel(backend, x, None)
-        y, mean, var, invstd = kernel.forward_train(x, weight, bias, eps)
-        y = _activate(y, activation, param)  # in place: the BN output is not kept
+        # fused: BN and leaky ReLU in one pass, and a backward that rebuilds x from y in one pass
+        ctx.fused = (
+            kernel.name == "fused" and activation in ("leaky_relu", "identity") and fused_serves(x)
+        )
+        if ctx.fused:
+            slope = param if activation == "leaky_relu" else None
+            y, mean, var, invstd = FusedKernel.forward_train(
+                x, weight, bias, eps, negative_slope=slope
+            )
+        else:
+            y, mean, var, invstd = kernel.forward_train(x, weight, bias, eps)
+            y = _activate(y, activation, param)  # in place: the BN output is not kept
         ctx.activation, ctx.param = activation, param
-        ctx.save_for_backward(y, weight, bias, invstd)
+        ctx.save_for_backward(y, weight, bias, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        y, weight, bias, invstd = ctx.saved_tensors
+        y, weight, bias, mean, invstd = ctx.saved_tensors
+        if ctx.fused:
+            return _fused_backward(ctx, dy, y, weight, bias, mean, invstd)
         ndim, acc = y.dim(), invstd.dtype
         dims = reduce_dims(ndim, 1)
         n = y.numel() // y.shape[1]
@@ -106,6 +119,27 @@ class _BatchNormActTrain(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             dbias = sum_g.to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None
+
+
+def _fused_backward(
+    ctx: Any,
+    dy: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """x rebuilt from y (one pass), then the fused kernel's BN + leaky-ReLU backward."""
+    gamma = _safe_gamma(weight) if weight is not None else None
+    leaky = ctx.activation == "leaky_relu"
+    x = invert_batch_norm_act(y, mean, invstd, gamma, bias, ctx.param if leaky else 1.0)
+    assert x is not None  # the forward checked that the kernels serve this input
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    dx, dweight, dbias = FusedKernel.backward_train(
+        dy, x, gamma, mean, invstd, needs, bias=bias, negative_slope=ctx.param if leaky else None
+    )
+    return dx, dweight, dbias, None, None, None, None
 
 
 class _BatchNormAct(NormBase):
