@@ -835,7 +835,7 @@ void invert_act_impl(const Tensor& y, const Shape& sh, Tensor& x, const std::vec
 #pragma omp simd
         for (int64_t i = 0; i < S; ++i) {
           const A v = load(src[i]);
-          dst[i] = store<T>(m + ((v > 0 ? v : v * inv_slope) - b) * k);
+          dst[i] = store<T>(m + (std::max(v, A(0)) + std::min(v, A(0)) * inv_slope - b) * k);  // branch-free
         }
       }
     });
@@ -855,7 +855,7 @@ void invert_act_impl(const Tensor& y, const Shape& sh, Tensor& x, const std::vec
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const A v = load(src[c]);
-        dst[c] = store<T>(m[c] + ((v > 0 ? v : v * inv_slope) - b[c]) * k[c]);
+        dst[c] = store<T>(m[c] + (std::max(v, A(0)) + std::min(v, A(0)) * inv_slope - b[c]) * k[c]);
       }
     }
   });
