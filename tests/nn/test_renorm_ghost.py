@@ -135,7 +135,7 @@ def test_chunk_sizes(n: int, v: int, expected: tuple[int, int, int]) -> None:
 
 @pytest.mark.parametrize("n", [64, 70, 65, 20, 33])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("backend", ["auto", "fused"])
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
 def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str, backend: str) -> None:
     if backend == "fused" and not fused_available():
         pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
@@ -192,3 +192,23 @@ def test_ghost_errors() -> None:
         nlnn.GhostBatchNorm1d(3, virtual_batch_size=1)
     with pytest.raises(ValueError, match="GhostBatchNorm does not support mask"):
         nlnn.GhostBatchNorm1d(3)(torch.randn(4, 3, 2), mask=torch.ones(4, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_ghost_without_affine_and_1d(backend: str) -> None:
+    if backend == "fused" and not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
+    x = (torch.randn(40, 6) * 3 + 2).requires_grad_()
+    ours = nlnn.GhostBatchNorm1d(6, affine=False, virtual_batch_size=16, backend=backend)
+    y = ours(x)  # chunks 16, 16, 8
+    xr = x.detach().clone().requires_grad_()
+    ref = torch.cat(
+        [torch.nn.functional.batch_norm(c, None, None, training=True) for c in xr.split(16)]
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    unbiased = torch.stack([c.detach().var(0) for c in xr.split(16)]).mean(0)
+    torch.testing.assert_close(ours.running_var, 0.9 + 0.1 * unbiased, rtol=1e-5, atol=1e-6)

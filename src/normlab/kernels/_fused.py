@@ -38,6 +38,7 @@ from ._native import NativeKernel
 __all__ = [
     "FusedKernel",
     "batch_norm_act_train",
+    "chunked_batch_norm_train",
     "fused_available",
     "fused_forward_eval",
     "fused_serves",
@@ -271,6 +272,69 @@ class _BatchNormActTrain(torch.autograd.Function):
             dy, x, weight, mean, invstd, needs, bias=bias, negative_slope=ctx.negative_slope
         )
         return dx, dw, db, None, None
+
+
+class _ChunkedBatchNormTrain(torch.autograd.Function):
+    """Training batch norm with separate statistics per batch chunk, on views of ``x`` (no copies)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        chunks: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        ops = load_fused()
+        if ops is None or not fused_serves(x):
+            raise RuntimeError(
+                "chunked batch norm needs the compiled kernels and a CPU float input"
+            )
+        y, mean, var, invstd = ops.forward_train(x, weight, bias, eps, None, chunks)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.chunks = chunks
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean.view(len(chunks), -1), var.view(len(chunks), -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        want_w = ctx.needs_input_grad[1] and weight is not None
+        want_b = ctx.needs_input_grad[2] and weight is not None
+        dx, dw, db = torch.ops.normlab_fused.backward_train(
+            dy,
+            x,
+            weight,
+            None,
+            mean,
+            invstd,
+            None,
+            [ctx.needs_input_grad[0], want_w, want_b],
+            ctx.chunks,
+        )
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dw.to(weight.dtype) if want_w else None,
+            db.to(weight.dtype) if want_b else None,
+            None,
+            None,
+        )
+
+
+def chunked_batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, chunks: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm of consecutive batch chunks of sizes ``chunks``, each with its own statistics
+    (Ghost BN's virtual batches): ``(y, mean, var_biased)`` with ``(len(chunks), C)`` statistics.
+
+    One C++ call runs the ordinary fused kernels on each chunk's view of ``x`` — no fold into
+    channels, no copies; the backward likewise, summing γ/β gradients over chunks. Requires the
+    compiled kernels and an input they serve (:func:`fused_serves`); ``bias`` needs ``weight``.
+    """
+    y, mean, var = _ChunkedBatchNormTrain.apply(x, weight, bias, eps, chunks)
+    return y, mean, var
 
 
 def invert_batch_norm_act(

@@ -495,6 +495,21 @@ std::vector<Moments> rows_moments(const T* px, int64_t M, int64_t C, std::vector
   return out;
 }
 
+// Batch chunks normalized each with its own statistics (Ghost BN's virtual batches): sizes along
+// dim 0 that sum to N; none = one chunk of N. A batch slice keeps x's layout, so each chunk runs
+// the ordinary kernels on a view: no copies, and the loop over chunks stays in C++.
+std::vector<int64_t> chunk_sizes(const at::OptionalIntArrayRef& chunks, int64_t N) {
+  if (!chunks) return {N};
+  std::vector<int64_t> sizes = chunks->vec();
+  int64_t total = 0;
+  for (const int64_t n : sizes) {
+    TORCH_CHECK(n >= 1, "normlab fused batch_norm: chunk sizes must be positive");
+    total += n;
+  }
+  TORCH_CHECK(total == N, "normlab fused batch_norm: chunk sizes sum to ", total, ", expected the batch size ", N);
+  return sizes;
+}
+
 // ====================== train forward ======================
 template <typename T, bool ACT>
 void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
@@ -572,23 +587,36 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, double eps,
-                                                         std::optional<double> slope) {
+                                                         std::optional<double> slope,
+                                                         at::OptionalIntArrayRef chunks) {
   TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
   Tensor x = input;
   const Shape sh = layout_of(x);
+  const auto sizes = chunk_sizes(chunks, sh.N);
+  const int64_t G = static_cast<int64_t>(sizes.size());
   Tensor y = at::empty_like(x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = x.options().dtype(acc);
-  Tensor mean = at::empty({sh.C}, opts), var = at::empty({sh.C}, opts), invstd = at::empty({sh.C}, opts);
+  // (G·C,): chunk-major, one row of C per chunk
+  Tensor mean = at::empty({G * sh.C}, opts), var = at::empty({G * sh.C}, opts), invstd = at::empty({G * sh.C}, opts);
   const auto gamma = channel_param(weight, sh.C, 1.0);
   const auto beta = channel_param(bias, sh.C, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
-    if (slope)
-      forward_train_impl<scalar_t, true>(x, sh, y, gamma, beta, eps, *slope, mean, var, invstd);
-    else
-      forward_train_impl<scalar_t, false>(x, sh, y, gamma, beta, eps, 0.0, mean, var, invstd);
-  });
+  int64_t start = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    Shape part = sh;
+    part.N = sizes[g];
+    Tensor xg = x.narrow(0, start, sizes[g]), yg = y.narrow(0, start, sizes[g]);
+    Tensor mg = mean.narrow(0, g * sh.C, sh.C), vg = var.narrow(0, g * sh.C, sh.C);
+    Tensor ig = invstd.narrow(0, g * sh.C, sh.C);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
+      if (slope)
+        forward_train_impl<scalar_t, true>(xg, part, yg, gamma, beta, eps, *slope, mg, vg, ig);
+      else
+        forward_train_impl<scalar_t, false>(xg, part, yg, gamma, beta, eps, 0.0, mg, vg, ig);
+    });
+    start += sizes[g];
+  }
   return {y, mean, var, invstd};
 }
 
@@ -728,38 +756,51 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
                                                   const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias, const Tensor& mean,
                                                   const Tensor& invstd, std::optional<double> slope,
-                                                  std::array<bool, 3> needs) {
+                                                  std::array<bool, 3> needs, at::OptionalIntArrayRef chunks) {
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
   Tensor x = input;
   const Shape sh = layout_of(x);
+  const auto sizes = chunk_sizes(chunks, sh.N);
+  const int64_t G = static_cast<int64_t>(sizes.size());
+  TORCH_CHECK(mean.numel() == G * sh.C && invstd.numel() == G * sh.C,
+              "normlab fused batch_norm: expected one row of statistics per chunk");
   Tensor dy = like_layout(grad_out.to(x.scalar_type()), x);
   const auto gamma = channel_param(weight, sh.C, 1.0);
   const auto beta = channel_param(bias, sh.C, 0.0);
+  auto inv64 = invstd.to(at::kDouble).contiguous();
   Tensor dx;
   if (needs[0]) dx = at::empty_like(x);
-  std::vector<double> sdy, sdyxc;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
-    Tensor* out = needs[0] ? &dx : nullptr;
-    if (slope)
-      backward_train_impl<scalar_t, true>(dy, x, sh, gamma, beta, mean, invstd, *slope, out, sdy, sdyxc);
-    else
-      backward_train_impl<scalar_t, false>(dy, x, sh, gamma, beta, mean, invstd, 0.0, out, sdy, sdyxc);
-  });
+  std::vector<double> sdy, sdyxc, dw_sum(sh.C, 0.0), db_sum(sh.C, 0.0);
+  int64_t start = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    Shape part = sh;
+    part.N = sizes[g];
+    Tensor xg = x.narrow(0, start, sizes[g]), dyg = dy.narrow(0, start, sizes[g]);
+    Tensor dxg = needs[0] ? dx.narrow(0, start, sizes[g]) : Tensor();
+    Tensor mg = mean.narrow(0, g * sh.C, sh.C), ig = invstd.narrow(0, g * sh.C, sh.C);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
+      Tensor* out = needs[0] ? &dxg : nullptr;
+      if (slope)
+        backward_train_impl<scalar_t, true>(dyg, xg, part, gamma, beta, mg, ig, *slope, out, sdy, sdyxc);
+      else
+        backward_train_impl<scalar_t, false>(dyg, xg, part, gamma, beta, mg, ig, 0.0, out, sdy, sdyxc);
+    });
+    const double* pi = inv64.data_ptr<double>() + g * sh.C;
+    for (int64_t c = 0; c < sh.C; ++c) {
+      dw_sum[c] += sdyxc[c] * pi[c];
+      db_sum[c] += sdy[c];
+    }
+    start += sizes[g];
+  }
   Tensor dw, db;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (needs[1]) {
-    auto inv64 = invstd.to(at::kDouble).contiguous();
-    dw = at::empty({sh.C}, x.options().dtype(at::kDouble));
-    double* p = dw.data_ptr<double>();
-    for (int64_t c = 0; c < sh.C; ++c) p[c] = sdyxc[c] * inv64.data_ptr<double>()[c];
-    dw = dw.to(acc);
-  }
-  if (needs[2]) {
-    db = at::empty({sh.C}, x.options().dtype(at::kDouble));
-    double* p = db.data_ptr<double>();
-    for (int64_t c = 0; c < sh.C; ++c) p[c] = sdy[c];
-    db = db.to(acc);
-  }
+  auto to_tensor = [&](const std::vector<double>& v) {
+    Tensor t = at::empty({sh.C}, x.options().dtype(at::kDouble));
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+    return t.to(acc);
+  };
+  if (needs[1]) dw = to_tensor(dw_sum);
+  if (needs[2]) db = to_tensor(db_sum);
   return {dx, dw, db};
 }
 
@@ -909,10 +950,12 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
 }  // namespace
 
 TORCH_LIBRARY(normlab_fused, m) {
-  m.def("forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope, int[]? chunks=None) -> (Tensor, "
+      "Tensor, Tensor, Tensor)");
   m.def(
       "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, float? slope, "
-      "bool[3] needs) -> (Tensor, Tensor, Tensor)");
+      "bool[3] needs, int[]? chunks=None) -> (Tensor, Tensor, Tensor)");
   m.def("stats(Tensor x) -> (Tensor, Tensor)");
   m.def("invert_act(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float slope) -> Tensor");
   m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "

@@ -72,9 +72,13 @@ class _BatchNormActTrain(torch.autograd.Function):
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel = resolve_kernel(backend, x, None)
-        # fused: BN and leaky ReLU in one pass, and a backward that rebuilds x from y in one pass
+        # fused: BN and leaky ReLU in one pass, and a backward that rebuilds x from y in one pass.
+        # "auto" takes it wherever the kernels serve x, also where plain BN stays on ATen (bf16 NCHW
+        # with small planes): the alternative here is the torch-ops backward, several times slower.
         ctx.fused = (
-            kernel.name == "fused" and activation in ("leaky_relu", "identity") and fused_serves(x)
+            activation in ("leaky_relu", "identity")
+            and fused_serves(x)
+            and (kernel.name == "fused" or (backend == "auto" and kernel.name == "native"))
         )
         if ctx.fused:
             slope = param if activation == "leaky_relu" else None

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train
+from ..functional import NonFinite, batch_norm_train, resolve_kernel
+from ..kernels import chunked_batch_norm_train, fused_serves
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
@@ -67,6 +68,15 @@ class _GhostBatchNorm(NormBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
+    def _chunked(self, x: Tensor) -> bool:
+        """Whether the fused kernels normalize the chunks in place (views of x, one C++ call):
+        where the backend resolves to them, and under "auto" wherever they serve x (the fold
+        below copies x into and out of a chunk-major layout, ~2x plain BN's traffic)."""
+        if not fused_serves(x):
+            return False
+        kernel = resolve_kernel(self.backend, x, None)
+        return kernel.name == "fused" or (self.backend == "auto" and kernel.name == "native")
+
     def _normalize_chunks(self, x: Tensor, g: int, v: int) -> tuple[Tensor, Tensor, Tensor]:
         """y of ``g`` full chunks of ``v`` samples, and their (g, C) means and biased variances.
 
@@ -88,6 +98,11 @@ class _GhostBatchNorm(NormBase):
             raise ValueError("GhostBatchNorm does not support mask")
         full, v, last = chunk_sizes(x.shape[0], self.virtual_batch_size)
         spatial = n // x.shape[0]
+        if self._chunked(x):
+            sizes = [v] * full + ([last] if last else [])
+            y, mean, var = chunked_batch_norm_train(x, self.weight, self.bias, self.eps, sizes)
+            counts = torch.tensor(sizes, dtype=var.dtype, device=var.device)[:, None] * spatial
+            return y, mean.mean(0), (var * (counts / (counts - 1))).mean(0)
         parts, means, variances = [], [], []
         if full:
             y, mean, var = self._normalize_chunks(x[: full * v], full, v)
