@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from ..kernels import FusedKernel, NativeKernel, fused_available
+from ..kernels import FusedKernel, NativeKernel, fused_available, fused_serves
 from ._reference import ReferenceKernel
 
 __all__ = ["BACKENDS", "Backend", "BatchNormKernel", "register_kernel", "resolve_kernel"]
@@ -128,3 +128,16 @@ def resolve_kernel(backend: str, x: Tensor, mask: Tensor | None) -> BatchNormKer
     if mask is not None and backend != "reference":
         raise ValueError(f"backend={backend!r} does not support mask; use 'auto' or 'reference'")
     return _KERNELS[backend]
+
+
+def fused_for_layer(backend: str, x: Tensor) -> bool:
+    """Whether a layer that runs its own ``autograd.Function`` (Renorm, Ghost, BN+act) should use
+    the fused kernels for ``x``: where ``backend`` resolves to them, and under ``"auto"`` also
+    where plain BatchNorm stays on ATen (small or bf16-NCHW input). Those thresholds weigh ATen's
+    C++ autograd against a Python ``Function``; these layers pay for the Function either way, and
+    their ATen route needs extra passes (a float32 copy for bf16 statistics, a fold, torch-op
+    backwards)."""
+    kernel = resolve_kernel(backend, x, None)  # first: under torch.func this is "reference"
+    if kernel.name == "fused" or (backend == "auto" and kernel.name == "native"):
+        return fused_serves(x)  # compiles the kernels on first use
+    return False

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..functional import NonFinite, channel_view, reduce_dims, resolve_kernel
-from ..kernels import FusedKernel, fused_serves, invert_batch_norm_act
+from ..functional._backend import fused_for_layer
+from ..kernels import FusedKernel, invert_batch_norm_act
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["Activation", "BatchNormAct1d", "BatchNormAct2d"]
@@ -72,14 +73,9 @@ class _BatchNormActTrain(torch.autograd.Function):
         backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel = resolve_kernel(backend, x, None)
-        # fused: BN and leaky ReLU in one pass, and a backward that rebuilds x from y in one pass.
-        # "auto" takes it wherever the kernels serve x, also where plain BN stays on ATen (bf16 NCHW
-        # with small planes): the alternative here is the torch-ops backward, several times slower.
-        ctx.fused = (
-            activation in ("leaky_relu", "identity")
-            and fused_serves(x)
-            and (kernel.name == "fused" or (backend == "auto" and kernel.name == "native"))
-        )
+        # fused: BN and leaky ReLU in one pass, and a backward that rebuilds x from y in one pass
+        # (the other route is a torch-ops backward, several times slower)
+        ctx.fused = activation in ("leaky_relu", "identity") and fused_for_layer(backend, x)
         if ctx.fused:
             slope = param if activation == "leaky_relu" else None
             y, mean, var, invstd = FusedKernel.forward_train(

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train, resolve_kernel
-from ..kernels import chunked_batch_norm_train, fused_serves
+from ..functional import NonFinite, batch_norm_train
+from ..functional._backend import fused_for_layer
+from ..kernels import chunked_batch_norm_train
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
@@ -72,10 +73,7 @@ class _GhostBatchNorm(NormBase):
         """Whether the fused kernels normalize the chunks in place (views of x, one C++ call):
         where the backend resolves to them, and under "auto" wherever they serve x (the fold
         below copies x into and out of a chunk-major layout, ~2x plain BN's traffic)."""
-        if not fused_serves(x):
-            return False
-        kernel = resolve_kernel(self.backend, x, None)
-        return kernel.name == "fused" or (self.backend == "auto" and kernel.name == "native")
+        return fused_for_layer(self.backend, x)
 
     def _normalize_chunks(self, x: Tensor, g: int, v: int) -> tuple[Tensor, Tensor, Tensor]:
         """y of ``g`` full chunks of ``v`` samples, and their (g, C) means and biased variances.

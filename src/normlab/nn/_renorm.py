@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..functional import NonFinite, batch_norm_train, channel_view
+from ..functional._backend import fused_for_layer
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Limit"]
@@ -114,8 +115,9 @@ class _BatchRenorm(NormBase):
     ) -> tuple[Tensor, Tensor, Tensor]:
         correction = self._correction()
         if mask is None:  # one autograd node, plain batch-norm cost
+            backend = "fused" if fused_for_layer(self.backend, x) else self.backend
             y, mean, var = batch_norm_train(
-                x, self.weight, self.bias, self.eps, backend=self.backend, correction=correction
+                x, self.weight, self.bias, self.eps, backend=backend, correction=correction
             )
             return y, mean, var * (n / (n - 1))
         # masked: x̂ from the masked kernel, then the corrected affine by autograd
