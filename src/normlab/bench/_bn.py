@@ -11,6 +11,7 @@ Suites (each ``BenchOptions -> list[Case]``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -177,7 +178,11 @@ def act_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> l
 def variant_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
     """Renorm and Ghost vs normlab's own ``BatchNorm2d`` (same backend, same shape)."""
     cases: list[Case] = []
-    variants = [("BatchRenorm2d", nlnn.BatchRenorm2d), ("GhostBatchNorm2d", nlnn.GhostBatchNorm2d)]
+    variants: list[tuple[str, Callable[..., torch.nn.Module]]] = [
+        ("BatchRenorm2d", nlnn.BatchRenorm2d),
+        # virtual batches of 8: four chunks at batch 32 (the default 32 would be one chunk, plain BN)
+        ("GhostBatchNorm2d(8)", functools.partial(nlnn.GhostBatchNorm2d, virtual_batch_size=8)),
+    ]
     for shape, layout, dtype in configs(options, shapes):
         if len(shape) != 4:
             continue
