@@ -91,7 +91,9 @@ def test_saved_activation_memory_of_a_20_layer_stack() -> None:
     x = torch.randn(8, 3, 32, 32, requires_grad=True)
     ratio = _saved_bytes(stack(True), x) / _saved_bytes(stack(False), x)
     assert ratio <= 0.6, f"saved-activation memory ratio {ratio:.2f}"
-    if fused_available():  # the fused path (picked by auto for large input) saves only the output too
+    if (
+        fused_available()
+    ):  # the fused path (picked by auto for large input) saves only the output too
         fused = stack(True)
         for m in fused:
             if isinstance(m, nlnn.BatchNormAct2d):
