@@ -138,6 +138,12 @@ def fused_for_layer(backend: str, x: Tensor) -> bool:
     their ATen route needs extra passes (a float32 copy for bf16 statistics, a fold, torch-op
     backwards)."""
     kernel = resolve_kernel(backend, x, None)  # first: under torch.func this is "reference"
-    if kernel.name == "fused" or (backend == "auto" and kernel.name == "native"):
+    if kernel.name == "fused":
         return fused_serves(x)  # compiles the kernels on first use
-    return False
+    # auto: never inside torch.compile (Inductor generates its own kernel from ATen's ops)
+    return (
+        backend == "auto"
+        and kernel.name == "native"
+        and not torch.compiler.is_compiling()
+        and fused_serves(x)
+    )
