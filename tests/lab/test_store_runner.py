@@ -210,3 +210,22 @@ def test_claim_row_with_a_diverged_seed_says_so() -> None:
     }
     (row,) = claims_rows([rec])
     assert row[3] == "n/a (1 of 3 seeds diverged; the others 0.400 ± 0.141)" and row[-1] == "FAIL"
+
+
+def test_claim_row_with_an_infinite_ratio_that_passes() -> None:
+    rec = {
+        "experiment": "init_sensitivity",
+        "dataset": "digits",
+        "claims": [
+            {
+                "claim": {"statement": "s", "comparison": ">=", "threshold": 2.0},
+                "values": [None],  # inf, stored as JSON null
+                "mean": None,
+                "std": None,
+                "threshold": 2.0,
+                "passed": True,
+            }
+        ],
+    }
+    (row,) = claims_rows([rec])
+    assert row[3] == "∞ (a ratio over 0)" and row[-1] == "PASS"

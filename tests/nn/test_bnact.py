@@ -128,3 +128,19 @@ def test_errors(kwargs: dict, match: str) -> None:
 def test_mask_rejected() -> None:
     with pytest.raises(ValueError, match="BatchNormAct does not support mask"):
         nlnn.BatchNormAct1d(3)(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
+
+
+def test_fused_bf16_takes_the_activation_mask_from_the_output() -> None:
+    if not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8, 6, 6) * 2).to(torch.bfloat16)
+    grads = {}
+    for backend in ("fused", "reference"):
+        m = nlnn.BatchNormAct2d(8, negative_slope=0.1, backend=backend).to(torch.bfloat16)
+        xr = x.clone().requires_grad_()
+        y = m(xr)
+        y.backward(torch.ones_like(y))
+        grads[backend] = (xr.grad.float(), m.weight.grad.float())
+    for got, want in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

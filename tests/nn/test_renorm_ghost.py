@@ -212,3 +212,25 @@ def test_ghost_without_affine_and_1d(backend: str) -> None:
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
     unbiased = torch.stack([c.detach().var(0) for c in xr.split(16)]).mean(0)
     torch.testing.assert_close(ours.running_var, 0.9 + 0.1 * unbiased, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_fused_path_supports_double_backward_and_returns_plain_stats() -> None:
+    if not fused_available():
+        pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
+    from normlab.kernels import chunked_batch_norm_train
+
+    x = torch.randn(12, 3, 2, 2, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    _, mean, var = chunked_batch_norm_train(x, w.requires_grad_(), b.requires_grad_(), 1e-5, [4, 8])
+    assert mean.shape == (2, 3) and not mean.requires_grad and not var.requires_grad
+
+    def penalty(backend: str) -> list[torch.Tensor]:
+        m = nlnn.GhostBatchNorm2d(3, virtual_batch_size=4, backend=backend).double()
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((m(xr) ** 3).sum(), xr, create_graph=True)
+        gx.square().sum().backward()  # a gradient penalty: needs the double backward
+        return [xr.grad, m.weight.grad, m.bias.grad]
+
+    for got, want in zip(penalty("fused"), penalty("reference")):
+        torch.testing.assert_close(got, want)

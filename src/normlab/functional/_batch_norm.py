@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ._backend import BatchNormKernel, resolve_kernel
 from ._reference import reference_train_output
+from ._stats import batch_norm_stats
 
 __all__ = [
     "NonFinite",
@@ -90,7 +91,11 @@ class _BatchNormCorrected(torch.autograd.Function):
         kernel: BatchNormKernel,
         correction: Correction,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = kernel.stats(x)  # (C,) in the accumulation dtype
+        stats = getattr(kernel, "stats", None)  # kernels registered before `stats` existed lack it
+        if stats is None or x.device.type not in ("cpu", "cuda"):  # ATen's stats: CPU/CUDA only
+            mean, var, _ = batch_norm_stats(x)  # (C,) in the accumulation dtype
+        else:
+            mean, var = stats(x)
         r, d = correction(mean, var)
         w_eff = r if weight is None else weight.to(r.dtype) * r
         b_eff = (

@@ -292,15 +292,17 @@ class _ChunkedBatchNormTrain(torch.autograd.Function):
                 "chunked batch norm needs the compiled kernels and a CPU float input"
             )
         y, mean, var, invstd = ops.forward_train(x, weight, bias, eps, None, chunks)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.chunks = chunks
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.chunks, ctx.eps = chunks, eps
+        mean, var = mean.view(len(chunks), -1), var.view(len(chunks), -1)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean.view(len(chunks), -1), var.view(len(chunks), -1)
+        return y, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable torch ops, chunk by chunk
+            return (*_chunked_differentiable_backward(ctx, dy, x, weight, bias), None, None)
         want_w = ctx.needs_input_grad[1] and weight is not None
         want_b = ctx.needs_input_grad[2] and weight is not None
         dx, dw, db = torch.ops.normlab_fused.backward_train(
@@ -321,6 +323,29 @@ class _ChunkedBatchNormTrain(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _chunked_differentiable_backward(
+    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients by autograd through ``F.batch_norm`` per chunk, so that they can be
+    differentiated again (double backward, e.g. gradient penalties)."""
+    inputs = [
+        t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need and t is not None
+    ]
+    with torch.enable_grad():
+        y = torch.cat(
+            [
+                torch.nn.functional.batch_norm(part, None, None, weight, bias, True, 0.0, ctx.eps)
+                for part in x.split(ctx.chunks)
+            ]
+        )
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    out = [
+        next(grads) if need and t is not None else None
+        for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])
+    ]
+    return out[0], out[1], out[2]
 
 
 def chunked_batch_norm_train(

@@ -31,6 +31,12 @@ def _measured(c: dict[str, Any]) -> str:
     ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if len(ok) == len(values):
         return text
+    if c.get(
+        "passed"
+    ):  # NaN never passes: what is missing was +inf (e.g. a ratio over a zero count)
+        return "∞ (a ratio over 0)"
+    if len(values) == 1:
+        return "n/a (not finite)"
     rest = ""
     if ok:
         mean, std = mean_std(ok)

@@ -136,8 +136,14 @@ def _fused_backward(
     x = invert_batch_norm_act(y, mean, invstd, gamma, bias, ctx.param if leaky else 1.0)
     assert x is not None  # the forward checked that the kernels serve this input
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    slope = ctx.param if leaky else None
+    if leaky and y.dtype in (torch.float16, torch.bfloat16):
+        # x rebuilt in 16 bits can flip the sign of pre-activations near 0, and the kernel
+        # takes the leaky-ReLU mask from x: take it from y's sign here instead (one more pass)
+        dy = torch.ops.aten.leaky_relu_backward(dy, y, ctx.param, True)
+        slope = None
     dx, dweight, dbias = FusedKernel.backward_train(
-        dy, x, gamma, mean, invstd, needs, bias=bias, negative_slope=ctx.param if leaky else None
+        dy, x, gamma, mean, invstd, needs, bias=bias, negative_slope=slope
     )
     return dx, dweight, dbias, None, None, None, None
 
