@@ -217,7 +217,7 @@ def test_ghost_without_affine_and_1d(backend: str) -> None:
 def test_ghost_fused_path_supports_double_backward_and_returns_plain_stats() -> None:
     if not fused_available():
         pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
-    from normlab.kernels import chunked_batch_norm_train
+    from normlab.functional._batch_norm import chunked_batch_norm_train
 
     x = torch.randn(12, 3, 2, 2, dtype=torch.float64)
     w = torch.rand(3, dtype=torch.float64) + 0.5

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import FusedKernel
 from ._backend import BatchNormKernel, resolve_kernel
 from ._reference import reference_train_output
 from ._stats import batch_norm_stats
@@ -133,14 +134,69 @@ def _differentiable_backward(
     mask: Tensor | None,
     eps: float,
     needs: tuple[bool, ...],
+    chunks: list[int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients by autograd through the reference forward (per batch chunk when ``chunks``
+    is given), so that they can be differentiated again."""
     inputs = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
     with torch.enable_grad():
-        y = reference_train_output(x, weight, bias, eps, mask)
+        if chunks is None:
+            y = reference_train_output(x, weight, bias, eps, mask)
+        else:
+            y = torch.cat(
+                [reference_train_output(p, weight, bias, eps, None) for p in x.split(chunks)]
+            )
         grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
     return tuple(  # type: ignore[return-value]
         next(grads) if need and t is not None else None for t, need in zip((x, weight, bias), needs)
     )
+
+
+class _ChunkedBatchNormTrain(torch.autograd.Function):
+    """Training batch norm with separate statistics per batch chunk, on the fused kernels
+    (views of ``x``, one C++ call; see :meth:`FusedKernel.forward_train`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        chunks: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var, invstd = FusedKernel.forward_train(x, weight, bias, eps, chunks=chunks)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.chunks, ctx.eps = chunks, eps
+        mean, var = mean.view(len(chunks), -1), var.view(len(chunks), -1)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled() and any(needs):  # create_graph: double backward
+            grads = _differentiable_backward(dy, x, weight, bias, None, ctx.eps, needs, ctx.chunks)
+            return (*grads, None, None)
+        dx, dw, db = FusedKernel.backward_train(
+            dy, x, weight, mean, invstd, needs, chunks=ctx.chunks
+        )
+        return dx, dw, db, None, None
+
+
+def chunked_batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, chunks: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm of consecutive batch chunks of sizes ``chunks``, each with its own statistics
+    (Ghost BN's virtual batches): ``(y, mean, var_biased)`` with ``(len(chunks), C)`` statistics.
+
+    One C++ call runs the fused kernels on each chunk's view of ``x`` — no fold into channels,
+    no copies; the backward likewise, summing γ/β gradients over chunks. Needs the compiled
+    kernels and an input they serve (:func:`normlab.kernels.fused_serves`).
+    """
+    y, mean, var = _ChunkedBatchNormTrain.apply(x, weight, bias, eps, chunks)
+    return y, mean, var
 
 
 def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: int = 1) -> int:

@@ -9,7 +9,6 @@ adds ``fused`` (C++/OpenMP, JIT-compiled on first use) here. Kernels never impor
 from ._fused import (
     FusedKernel,
     batch_norm_act_train,
-    chunked_batch_norm_train,
     fused_available,
     fused_forward_eval,
     fused_serves,
@@ -21,7 +20,6 @@ __all__ = [
     "FusedKernel",
     "NativeKernel",
     "batch_norm_act_train",
-    "chunked_batch_norm_train",
     "fused_available",
     "fused_forward_eval",
     "fused_serves",

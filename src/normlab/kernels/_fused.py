@@ -38,7 +38,6 @@ from ._native import NativeKernel
 __all__ = [
     "FusedKernel",
     "batch_norm_act_train",
-    "chunked_batch_norm_train",
     "fused_available",
     "fused_forward_eval",
     "fused_serves",
@@ -155,17 +154,27 @@ class FusedKernel:
         eps: float,
         mask: Tensor | None = None,
         negative_slope: float | None = None,
+        chunks: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(y, mean, var_biased, invstd)``; ``y`` passes a leaky ReLU when ``negative_slope`` is set."""
+        """``(y, mean, var_biased, invstd)``; ``y`` passes a leaky ReLU when ``negative_slope`` is set.
+
+        ``chunks``: sizes of consecutive batch chunks, each normalized with its own statistics
+        (Ghost BN's virtual batches), run on views of ``x`` in one C++ call; the statistics are
+        then ``(len(chunks)·C,)``, chunk-major. Needs the compiled kernels.
+        """
         if mask is not None:
             raise ValueError("the 'fused' backend does not support mask; use backend='reference'")
         ops = _supported(x)
+        if ops is None and chunks is not None:
+            raise RuntimeError(
+                "chunked batch norm needs the compiled kernels and a CPU float input"
+            )
         if ops is None:
             if negative_slope is not None:
                 y, mean, var, invstd = NativeKernel.forward_train(x, weight, bias, eps)
                 return torch.nn.functional.leaky_relu(y, negative_slope), mean, var, invstd
             return NativeKernel.forward_train(x, weight, bias, eps)
-        y, mean, var, invstd = ops.forward_train(x, weight, bias, eps, negative_slope)
+        y, mean, var, invstd = ops.forward_train(x, weight, bias, eps, negative_slope, chunks)
         return y, mean, var, invstd
 
     @staticmethod
@@ -179,18 +188,24 @@ class FusedKernel:
         mask: Tensor | None = None,
         bias: Tensor | None = None,
         negative_slope: float | None = None,
+        chunks: list[int] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Closed-form ``(dx, dweight, dbias)`` in two passes; ``bias``/``negative_slope`` for BN+act."""
+        """Closed-form ``(dx, dweight, dbias)`` in two passes; ``bias``/``negative_slope`` for BN+act,
+        ``chunks`` as in :meth:`forward_train` (γ/β gradients summed over the chunks)."""
         if mask is not None:
             raise ValueError("the 'fused' backend does not support mask; use backend='reference'")
         ops = _supported(x)
+        if ops is None and chunks is not None:
+            raise RuntimeError(
+                "chunked batch norm needs the compiled kernels and a CPU float input"
+            )
         if ops is None:
             if negative_slope is not None:
                 raise RuntimeError("fused BN+activation backward needs the compiled kernels")
             return NativeKernel.backward_train(dy, x, weight, mean, invstd, needs)
         want_w = needs[1] and weight is not None
         dx, dw, db = ops.backward_train(
-            dy, x, weight, bias, mean, invstd, negative_slope, [needs[0], want_w, needs[2]]
+            dy, x, weight, bias, mean, invstd, negative_slope, [needs[0], want_w, needs[2]], chunks
         )
         if weight is not None:  # grads in the parameters' dtype (fp32 stats for bf16 input)
             dw = dw.to(weight.dtype) if want_w else None
@@ -272,94 +287,6 @@ class _BatchNormActTrain(torch.autograd.Function):
             dy, x, weight, mean, invstd, needs, bias=bias, negative_slope=ctx.negative_slope
         )
         return dx, dw, db, None, None
-
-
-class _ChunkedBatchNormTrain(torch.autograd.Function):
-    """Training batch norm with separate statistics per batch chunk, on views of ``x`` (no copies)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        chunks: list[int],
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        ops = load_fused()
-        if ops is None or not fused_serves(x):
-            raise RuntimeError(
-                "chunked batch norm needs the compiled kernels and a CPU float input"
-            )
-        y, mean, var, invstd = ops.forward_train(x, weight, bias, eps, None, chunks)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.chunks, ctx.eps = chunks, eps
-        mean, var = mean.view(len(chunks), -1), var.view(len(chunks), -1)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiable torch ops, chunk by chunk
-            return (*_chunked_differentiable_backward(ctx, dy, x, weight, bias), None, None)
-        want_w = ctx.needs_input_grad[1] and weight is not None
-        want_b = ctx.needs_input_grad[2] and weight is not None
-        dx, dw, db = torch.ops.normlab_fused.backward_train(
-            dy,
-            x,
-            weight,
-            None,
-            mean,
-            invstd,
-            None,
-            [ctx.needs_input_grad[0], want_w, want_b],
-            ctx.chunks,
-        )
-        return (
-            dx if ctx.needs_input_grad[0] else None,
-            dw.to(weight.dtype) if want_w else None,
-            db.to(weight.dtype) if want_b else None,
-            None,
-            None,
-        )
-
-
-def _chunked_differentiable_backward(
-    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients by autograd through ``F.batch_norm`` per chunk, so that they can be
-    differentiated again (double backward, e.g. gradient penalties)."""
-    inputs = [
-        t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need and t is not None
-    ]
-    with torch.enable_grad():
-        y = torch.cat(
-            [
-                torch.nn.functional.batch_norm(part, None, None, weight, bias, True, 0.0, ctx.eps)
-                for part in x.split(ctx.chunks)
-            ]
-        )
-        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    out = [
-        next(grads) if need and t is not None else None
-        for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])
-    ]
-    return out[0], out[1], out[2]
-
-
-def chunked_batch_norm_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, chunks: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch norm of consecutive batch chunks of sizes ``chunks``, each with its own statistics
-    (Ghost BN's virtual batches): ``(y, mean, var_biased)`` with ``(len(chunks), C)`` statistics.
-
-    One C++ call runs the ordinary fused kernels on each chunk's view of ``x`` — no fold into
-    channels, no copies; the backward likewise, summing γ/β gradients over chunks. Requires the
-    compiled kernels and an input they serve (:func:`fused_serves`); ``bias`` needs ``weight``.
-    """
-    y, mean, var = _ChunkedBatchNormTrain.apply(x, weight, bias, eps, chunks)
-    return y, mean, var
 
 
 def invert_batch_norm_act(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..functional import NonFinite, batch_norm_train
 from ..functional._backend import fused_for_layer
-from ..kernels import chunked_batch_norm_train
+from ..functional._batch_norm import chunked_batch_norm_train
 from ._batchnorm import NormBase, SingleSample
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
