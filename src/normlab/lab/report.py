@@ -31,9 +31,8 @@ def _measured(c: dict[str, Any]) -> str:
     ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if len(ok) == len(values):
         return text
-    if c.get(
-        "passed"
-    ):  # NaN never passes: what is missing was +inf (e.g. a ratio over a zero count)
+    # NaN never passes, so a passing claim's missing value was +inf (a ratio over a zero count)
+    if c.get("passed"):
         return "∞ (a ratio over 0)"
     if len(values) == 1:
         return "n/a (not finite)"

@@ -38,6 +38,7 @@ __all__ = [
     "Experiment",
     "Results",
     "accuracy_level",
+    "as_floats",
     "mean_std",
     "register",
 ]
@@ -57,14 +58,14 @@ def accuracy_level(level: float, dataset: str) -> float:
     return level - 0.10 if dataset == "fashion-mnist" else level
 
 
-def _floats(values: Sequence[float | None]) -> list[float]:
+def as_floats(values: Sequence[float | None]) -> list[float]:
     """``values`` as floats; ``None`` (a diverged run, stored as JSON null) becomes NaN."""
     return [float("nan") if v is None else float(v) for v in values]
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value); NaNs (and ``None``) propagate."""
-    vals = _floats(values)
+    vals = as_floats(values)
     if not vals:
         return float("nan"), float("nan")
     mean = statistics.fmean(vals)
@@ -112,7 +113,7 @@ class Claim:
         self, values: Sequence[float | None] | float, *, threshold: float | None = None
     ) -> ClaimResult:
         """Evaluate on the per-seed values (their mean is compared; NaN or ``None`` fails)."""
-        vals = [float(values)] if isinstance(values, int | float) else _floats(values)
+        vals = [float(values)] if isinstance(values, int | float) else as_floats(values)
         mean, std = mean_std(vals)
         limit = self.threshold if threshold is None else threshold
         passed = math.isfinite(mean) and _OPS[self.comparison](mean, limit)

@@ -12,7 +12,7 @@ from ...preprocessing import Standardizer
 from ..data import Dataset, distort
 from ..ensemble import TrainConfig, train_ensemble
 from ..models import mlp
-from . import Claim, ClaimResult, Experiment, Results, register
+from . import Claim, ClaimResult, Experiment, Results, as_floats, register
 from ._common import band, fmt, grouped, md_table, members
 from .convergence import PROBE_SAMPLES, quantile_drift, quantile_probe
 
@@ -146,13 +146,7 @@ class InputNormalization(Experiment):
 
     def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
         by = self._by_arm(results)
-        acc = {
-            arm: [
-                r["final_test_acc"] if r["final_test_acc"] is not None else float("nan")
-                for r in recs
-            ]
-            for arm, recs in by.items()
-        }
+        acc = {arm: as_floats([r["final_test_acc"] for r in recs]) for arm, recs in by.items()}
         recovery = [s / c for s, c in zip(acc["standardizer"], acc["clean"])]
         loss = [c - r for c, r in zip(acc["clean"], acc["raw"])]
         drift = [s["drift"] / b["drift"] for s, b in zip(by["standardizer"], by["bn"])]

@@ -10,7 +10,7 @@ from ... import nn as nlnn
 from ..data import Dataset
 from ..ensemble import TrainConfig, train_ensemble
 from ..models import mlp
-from . import Claim, ClaimResult, Experiment, Results, mean_std, register
+from . import Claim, ClaimResult, Experiment, Results, as_floats, mean_std, register
 from ._common import fmt, grouped, md_table, members, nanmean
 
 BATCHES = (2, 4, 8, 32)
@@ -183,11 +183,7 @@ class SmallBatch(Experiment):
     def _acc(results: Results) -> dict[tuple[str, int], list[float]]:
         """Final test accuracy per (method, batch), per seed; NaN where a seed diverged (stored as null)."""
         by = grouped(members(results), lambda r: (r["config"]["method"], r["config"]["batch"]))
-        nan = float("nan")
-        return {
-            k: [nan if r["final_test_acc"] is None else r["final_test_acc"] for r in v]
-            for k, v in by.items()
-        }
+        return {k: as_floats([r["final_test_acc"] for r in v]) for k, v in by.items()}
 
     def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
         acc = self._acc(results)  # a diverged seed is NaN: the claims it enters fail
