@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from normlab.lab.store import (
     StoreError,
     atomic_write_json,
     config_hash,
+    provenance,
     read_jsonl,
 )
 
@@ -447,6 +449,35 @@ def test_the_claim_is_held_while_a_unit_trains(tmp_path: Path) -> None:
     assert held == [True, True]
 
 
+def test_force_leaves_a_unit_another_process_just_trained(tmp_path: Path) -> None:
+    _toy_run(tmp_path)
+
+    class Meanwhile(_Toy):
+        def run(
+            self, config: dict[str, Any], data: Any, *, progress: bool = False
+        ) -> dict[str, Any]:
+            if config["value"] == 1.0:  # meanwhile another forced process retrains the second unit
+                RunStore(tmp_path, "toy", "synthetic").finish(
+                    {"value": 2.0, "seeds": [0]}, {"value": 2.0}, provenance("x"), 0.0
+                )
+            return super().run(config, data)
+
+    _Toy.calls.clear()
+    run_experiment(Meanwhile(), "synthetic", seeds=[0], quick=True, out=tmp_path, force=True)
+    assert [c["value"] for c in _Toy.calls] == [1.0]
+
+
+def test_a_filesystem_without_locks_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_flock(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("FileSystem does not appear to support flock")
+
+    monkeypatch.setattr("filelock.FileLock.acquire", no_flock)
+    with pytest.raises(StoreError, match=r"does not support file locks .*docs/lab-workers.md"):
+        _toy_run(tmp_path)
+
+
 def test_copy_results_then_report_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -566,7 +597,9 @@ def test_a_dead_workers_claim_is_taken_over(tmp_path: Path) -> None:
         while "waiting for a unit" not in log.read_text() and time.time() < deadline:
             assert second.poll() is None, log.read_text()
             time.sleep(0.05)
-        assert f"pid {first.pid} is training" in log.read_text()
+        assert f"toy: waiting for a unit claimed by {socket.gethostname()} pid {first.pid}" in (
+            log.read_text()
+        )
         unit = _unit(RunStore(out, "toy", "synthetic"), 2.0)
         assert len(_starts(unit)) == 1 and second.poll() is None  # it waits, it does not duplicate
     finally:

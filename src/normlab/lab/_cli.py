@@ -172,7 +172,7 @@ def run(
         }
 
         def waiting(name: str, cfg: dict[str, Any], owner: str) -> None:
-            console.print(f"{name}: waiting for a unit {escape(owner)} is training")
+            console.print(f"{name}: waiting for a unit claimed by {escape(owner)}")
 
         try:
             for exp, claims in run_suite(
