@@ -340,3 +340,15 @@ def test_data_dir_for_a_built_in_dataset_is_refused(tmp_path: Path) -> None:
 def test_cifar_batches_found_in_the_extracted_subfolder(tmp_path: Path) -> None:
     _fake_cifar(tmp_path / "cifar-10-batches-py")
     assert load_dataset("cifar10", data_dir=tmp_path).x_test.shape == (4, 3072)
+
+
+def test_subset_that_cannot_be_stratified_is_a_dataset_error(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path, n_train=30)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0] * 29 + [1]))
+    with pytest.raises(
+        DatasetError,
+        match=r"mnist: cannot draw a stratified 10-sample training subset \(The least populated class",
+    ):
+        load_dataset("mnist", data_dir=tmp_path, subset=10)
+    with pytest.raises(ValueError, match="subset must be a positive number of samples, got 0"):
+        load_dataset("digits", subset=0)

@@ -391,6 +391,17 @@ def test_check_never_passes_over_a_damaged_result(
     assert "PASS" in result.output  # the intact experiment is still shown
 
 
+def test_check_prints_claim_text_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement read from claims.json is text, not rich markup (``[/x]`` used to crash)."""
+    monkeypatch.setitem(REGISTRY, "toy", _Toy())
+    path = _toy_run(tmp_path).claims_path
+    record = json.loads(path.read_text())
+    record["claims"][0]["claim"]["statement"] = "values [/x] are [bold]big"
+    path.write_text(json.dumps(record))
+    result = _CLI.invoke(app, ["lab", "check", "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "values [/x] are [bold]big" in result.output, result.output
+
+
 def test_load_results_raises_when_a_result_changes_after_the_check(tmp_path: Path) -> None:
     store = _toy_run(tmp_path)
     (rec,) = load_claims(tmp_path)

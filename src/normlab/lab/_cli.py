@@ -60,6 +60,7 @@ def _lab_warnings(console: Any = None) -> Iterator[list[str]]:
 
 def _claims_table(records: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .report import _HEAD, claims_rows
@@ -69,7 +70,7 @@ def _claims_table(records: list[dict[str, Any]]) -> None:
         table.add_column(h, overflow="fold")
     for row in claims_rows(records):
         style = "green" if row[-1] == "PASS" else "red"
-        table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
+        table.add_row(*map(escape, row[:-1]), f"[{style}]{escape(row[-1])}[/{style}]")
     Console().print(table)
 
 

@@ -484,8 +484,15 @@ def load_dataset(
         ds = _cifar10(directory)
     else:
         ds = _idx_dataset(name, directory)
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset must be a positive number of samples, got {subset}")
     if subset is not None and subset < len(ds.y_train):
-        idx = torch.from_numpy(_stratified_subset(ds.y_train.numpy(), subset))
+        try:
+            idx = torch.from_numpy(_stratified_subset(ds.y_train.numpy(), subset))
+        except ValueError as exc:  # e.g. a class with a single sample
+            raise DatasetError(
+                f"{name}: cannot draw a stratified {subset}-sample training subset ({exc})"
+            ) from exc
         ds = Dataset(
             ds.name,
             ds.x_train[idx],
