@@ -176,9 +176,5 @@ app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (see :mod:`normlab.__main__`)."""
     app(prog_name="normlab")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

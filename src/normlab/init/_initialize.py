@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._norms import NormLeafTracer, is_norm_layer
+from .._table import render_table
 from ._core import kaiming_normal_, lecun_normal_, normal_, orthogonal_, xavier_uniform_
 from ._gain import calculate_gain
 
@@ -162,20 +163,18 @@ class InitReport:
     zeroed_residual: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"initialize ({self.method})")
-        for col in ("layer", "shape", "scheme", "activation", "gain", "std"):
-            table.add_column(col)
-        for layer, shape, scheme, act, gain, std in self.rows:
-            table.add_row(layer, str(shape), scheme, act, f"{gain:.4f}", f"{std:.4g}")
-        console = Console(width=120, record=True, file=None)
-        with console.capture() as cap:
-            console.print(table)
-            if self.zeroed_residual:
-                console.print("zero-initialized residual norms: " + ", ".join(self.zeroed_residual))
-        return cap.get()
+        rows = [
+            (layer, shape, scheme, act, f"{gain:.4f}", f"{std:.4g}")
+            for layer, shape, scheme, act, gain, std in self.rows
+        ]
+        text = render_table(
+            f"initialize ({self.method})",
+            ("layer", "shape", "scheme", "activation", "gain", "std"),
+            rows,
+        )
+        if self.zeroed_residual:
+            text += "\nzero-initialized residual norms: " + ", ".join(self.zeroed_residual)
+        return text
 
 
 def _scheme_for(scheme: str, act: str) -> str:

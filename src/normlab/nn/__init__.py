@@ -6,6 +6,9 @@ they add to the one training path. Each layer kind is registered (:func:`describ
 :func:`layer_class`) so that converters keep variants and options.
 """
 
+import importlib
+from typing import Any
+
 from ._base import (
     ActivationOptions,
     LayerDescription,
@@ -45,3 +48,11 @@ __all__ = [
     "layer_class",
     "registered_kinds",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "utils":  # loaded on first use: ``normlab.nn.utils.fold_batchnorm`` works
+        module = importlib.import_module(".utils", __name__)
+        globals()["utils"] = module
+        return module
+    raise AttributeError(f"module 'normlab.nn' has no attribute {name!r}")

@@ -15,11 +15,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..functional._checks import check_channels, check_eps, check_input, check_num_features
+from ..functional import LayerSpec, batch_norm_layer
+from ..functional._checks import check_eps, check_num_features
 from ._base import ActivationOptions, LayerDescription, _register, describe, layer_class
 from ._convert import build_like, replace_batchnorms, transfer_state
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+torch.fx.wrap("batch_norm_layer")  # one call_function node in a torch.fx graph
 
 
 class _FrozenBatchNorm(ActivationOptions, nn.Module):
@@ -64,25 +67,18 @@ class _FrozenBatchNorm(ActivationOptions, nn.Module):
         return LayerDescription(self.kind, self.spatial, config)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, what=type(self).__name__)
-        moved = self.channel_axis == -1 and x.dim() > 2
-        if moved:
-            x = x.movedim(-1, 1)
-        check_channels(
-            x.shape[1],
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            weight=self.weight,
-            bias=self.bias,
+        """``f(x·s + (β − μ·s))``: batch norm in eval mode with the frozen buffers."""
+        spec = LayerSpec(
+            name=f"{type(self).__name__}({self.num_features})",
+            num_features=self.num_features,
+            training=False,
+            eps=self.eps,
+            channel_axis=self.channel_axis,
+            act=self.act,
         )
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        view = [1, -1] + [1] * (x.dim() - 2)
-        y = x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype)
-        act = self.act
-        if act is not None:
-            y = act.forward(y)
-        return y.movedim(1, -1) if moved else y
+        return batch_norm_layer(
+            x, None, self.running_mean, self.running_var, None, self.weight, self.bias, spec
+        )
 
     def _load_from_state_dict(
         self,

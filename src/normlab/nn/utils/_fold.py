@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..._norms import NormLeafTracer
+from ..._table import render_table
 from ._common import (
     CONV_TYPES,
     bn_affine,
@@ -36,7 +37,6 @@ from ._common import (
     has_running_stats,
     is_batchnorm,
 )
-from ._table import render_table
 
 __all__ = ["FoldReport", "NormLeafTracer", "fold_batchnorm", "fold_conv_bn_weights"]
 
