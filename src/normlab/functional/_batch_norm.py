@@ -28,7 +28,14 @@ from torch import Tensor
 
 from ._activation import Activation
 from ._backend import resolve_kernel
-from ._checks import check_channels, check_choice, check_eps, check_input, check_momentum
+from ._checks import (
+    check_channels,
+    check_choice,
+    check_eps,
+    check_input,
+    check_mask,
+    check_momentum,
+)
 from ._reference import channel_view
 from ._train import Correction, Plan, Reducer, train
 
@@ -109,19 +116,7 @@ def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: in
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         return n
-    expected = input.shape[:channel_axis] + input.shape[channel_axis + 1 :]
-    if (
-        not isinstance(mask, Tensor)
-        or mask.dtype != torch.bool
-        or tuple(mask.shape) != tuple(expected)
-    ):
-        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(
-            "mask must be a bool tensor with the input's shape without its channel axis, "
-            f"expected {tuple(expected)} (bool), got {got}"
-        )
-    if mask.device != input.device:
-        raise RuntimeError(f"mask is on {mask.device} but the input is on {input.device}")
+    check_mask(input, mask, channel_axis)
     n = int(mask.sum())
     if n <= 1:
         raise ValueError(
@@ -340,7 +335,7 @@ def _forward(
                 num_batches_tracked.add_(1)
             return x.clone()
     elif mask is not None:
-        check_batch_size_shape(x, mask)
+        check_mask(x, mask)
     if mask is not None and spec.virtual_batch_size:
         raise ValueError(f"GhostBatchNorm does not support mask ({spec.name})")
     factor = _factor(spec.momentum, num_batches_tracked) if tracking else 0.0
@@ -479,26 +474,11 @@ def _eval(
     if act is not None and fused is None:
         y = act.forward(y)
     if mask is not None:
-        check_batch_size_shape(x, mask)
+        check_mask(x, mask)
         fill = bias if bias is not None else x.new_zeros(x.shape[1])
         fill = fill.to(y.dtype) if act is None else act.forward(fill.to(y.dtype))
         y = torch.where(mask.unsqueeze(1), y, channel_view(fill, x.dim()))
     return y
-
-
-def check_batch_size_shape(x: Tensor, mask: Tensor) -> None:
-    """The mask's dtype, shape and device (eval: no count needed)."""
-    expected = x.shape[:1] + x.shape[2:]
-    if (
-        not isinstance(mask, Tensor)
-        or mask.dtype != torch.bool
-        or tuple(mask.shape) != tuple(expected)
-    ):
-        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(
-            "mask must be a bool tensor with the input's shape without its channel axis, "
-            f"expected {tuple(expected)} (bool), got {got}"
-        )
 
 
 # ---------- functional entry points ----------
