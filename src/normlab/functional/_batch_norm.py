@@ -148,14 +148,6 @@ def _host_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _host_positive(t: Tensor) -> bool:
-    """All finite and > 0, answered on the host."""
-    if t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
-        a = t.numpy()
-        return bool(np.isfinite(a).all() and (a > 0).all())
-    return bool((torch.isfinite(t) & (t > 0)).all())
-
-
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -220,13 +212,18 @@ def _commit(
         )
     running_mean.copy_(torch.where(ok, new_mean, running_mean))
     running_var.copy_(torch.where(ok, new_var, running_var))
-    warnings.warn(
-        f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {channels} in training; "
-        "those channels' running statistics were left unchanged for this batch (nonfinite='skip')",
-        RuntimeWarning,
-        stacklevel=5,
-    )
+    _warn_skipped(owner, ok)
     return bool(ok.any())
+
+
+def _warn_skipped(owner: str, ok: Tensor) -> None:
+    warnings.warn(
+        f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {_bad_channels(ok)} in "
+        "training; those channels' running statistics were left unchanged for this batch "
+        "(nonfinite='skip')",
+        RuntimeWarning,
+        stacklevel=6,
+    )
 
 
 def _lerp_(running: Tensor, batch: Tensor, factor: float) -> None:
@@ -422,32 +419,30 @@ def _aten_train(
 ) -> Tensor:
     """Plain batch norm on ATen: one call normalizes and moves the running statistics.
 
-    Under ``"propagate"`` ATen updates the buffers themselves (torch's own path). Otherwise
-    it updates copies, which are committed per channel where the batch statistics are
-    finite (a running buffer must not be modified in place after autograd saved it).
+    ``"propagate"`` is torch's own path (ATen updates the buffers in place). ``"skip"`` on CPU
+    runs the same call through :meth:`NativeKernel.train_and_update`, which puts back the
+    previous statistics of channels whose batch statistics are not finite. Elsewhere ATen
+    updates copies, committed per channel (a buffer must not change in place after autograd
+    saved it).
     """
     from ..kernels import NativeKernel
 
-    if spec.nonfinite == "propagate":
-        y = NativeKernel.train_and_update(
-            x, weight, bias, running_mean, running_var, factor, spec.eps
-        )[0]
-        _count_batch(num_batches_tracked, True)
+    policy = spec.nonfinite
+    if policy == "propagate" or (policy == "skip" and _on_host(running_mean)):
+        y, mean, invstd, restored = NativeKernel.train_and_update(
+            x, weight, bias, running_mean, running_var, factor, spec.eps, skip=policy == "skip"
+        )
+        if restored:
+            _warn_skipped(spec.name, torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0))
+        _count_batch(num_batches_tracked, restored < x.shape[1])
         return y
     new_mean, new_var = running_mean.clone(), running_var.clone()
-    y, mean, invstd = NativeKernel.train_and_update(
-        x, weight, bias, new_mean, new_var, factor, spec.eps
+    y, mean, invstd, _ = NativeKernel.train_and_update(
+        x, weight, bias, new_mean, new_var, factor, spec.eps, skip=False
     )
-    if _on_host(running_mean) and _host_finite(mean) and _host_positive(invstd):
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-        updated: bool | Tensor = True
-    else:  # a variance of +inf gives invstd = 0, NaN gives NaN
-        ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
-        with torch.no_grad():
-            updated = _commit(
-                running_mean, running_var, new_mean, new_var, ok, spec.nonfinite, spec.name
-            )
+    ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)  # var = +inf: invstd 0
+    with torch.no_grad():
+        updated = _commit(running_mean, running_var, new_mean, new_var, ok, policy, spec.name)
     _count_batch(num_batches_tracked, updated)
     return y
 
