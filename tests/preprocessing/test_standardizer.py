@@ -521,3 +521,14 @@ def test_share_memory_and_data_swaps_do_not_leave_stale_statistics() -> None:
     s.mean_.data = torch.zeros(2, dtype=torch.float64)  # swapped storage, no version bump
     s.partial_fit(np.zeros((20, 2)))
     torch.testing.assert_close(s.mean_, torch.zeros(2, dtype=torch.float64))
+
+
+def test_transform_checks_every_call_even_with_cached_statistics() -> None:
+    s = Standardizer().fit(torch.randn(10, 4))
+    s(torch.randn(3, 4))  # caches the float32 statistics
+    with pytest.raises(ValueError, match=r"expected 4 features/channels on axis 1, got 1"):
+        s(torch.randn(3, 1))  # would broadcast silently without the check
+    s.channel_axis = 0
+    with pytest.raises(ValueError, match=r"expected 4 features/channels on axis 0, got 3"):
+        s(torch.randn(3, 4))
+    assert s(torch.randn(4, 7)).shape == (4, 7)
