@@ -509,6 +509,10 @@ def test_constructor_arguments_are_validated() -> None:
         Standardizer().fit([()])
     with pytest.raises(TypeError, match=r"expected a dense tensor, got layout torch\.sparse_coo"):
         Standardizer().fit(torch.eye(3).to_sparse())
+    s = Standardizer()
+    with pytest.raises(TypeError, match=r"fit_transform\(\) takes one tensor or array, got list"):
+        s.fit_transform([np.ones((2, 2))])
+    assert not s.is_fitted
 
 
 def test_share_memory_and_data_swaps_do_not_leave_stale_statistics() -> None:

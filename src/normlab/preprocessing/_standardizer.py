@@ -590,7 +590,16 @@ class Standardizer(nn.Module):
         return self
 
     def fit_transform(self, data: Tensor | np.ndarray) -> Tensor:
-        """:meth:`fit` then :meth:`transform` one tensor or array.
+        """:meth:`fit` then :meth:`transform` one tensor or array (not an iterable of batches).
+
+        Parameters
+        ----------
+        data : Tensor or numpy array
+
+        Returns
+        -------
+        Tensor
+            The standardized data.
 
         Examples
         --------
@@ -598,7 +607,12 @@ class Standardizer(nn.Module):
         tensor([[-1.],
                 [ 1.]])
         """
-        return self.fit(data).transform(_as_tensor(data))
+        if not isinstance(data, Tensor | np.ndarray):
+            raise TypeError(
+                f"fit_transform() takes one tensor or array, got {type(data).__name__} "
+                "(for an iterable of batches: fit(), then transform() each batch)"
+            )
+        return self.fit(data).transform(data)
 
     # --- transforming ------------------------------------------------------------------------
     def _affine(self, x: Any) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], torch.dtype]:
