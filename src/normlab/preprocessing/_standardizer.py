@@ -30,8 +30,9 @@ Why not :func:`normlab.functional.batch_norm_stats` / ``merge_stats`` on CPU
 path cost ~450 µs a batch on one thread and 3–10 ms while another process kept a
 core busy (ATen splits a 64k-element op over both threads; torch's thread count
 is process-global, so it is not changed here), the torch merge alone 72 µs of
-small-op dispatch. The numpy passes run on one thread by construction: ~90 µs a
-batch, the merge ~10 µs. Tensors on other devices go through ``batch_norm_stats``.
+small-op dispatch. The numpy passes run on one thread by construction (~100 µs a
+batch there, two reads), and the merge updates the CPU buffers in place (~10 µs).
+Tensors on other devices go through ``batch_norm_stats``.
 """
 
 from __future__ import annotations
@@ -280,6 +281,8 @@ class Standardizer(nn.Module):
         float64 buffers (float32 on MPS), whatever the module's dtype: ``.half()``
         and ``.to(dtype)`` leave them alone. ``var_`` is the biased variance.
         A feature that has seen only NaNs has NaN statistics (as scikit-learn).
+        On CPU, ``partial_fit`` updates them in place (like BatchNorm's running
+        statistics); ``fit`` installs new tensors.
     n_samples_seen_ : Tensor of shape (C,)
         Values counted per feature (NaNs are not), float64.
 
@@ -692,6 +695,16 @@ class Standardizer(nn.Module):
     def inverse_transform(self, z: Tensor | np.ndarray) -> Tensor:
         """``z * scale_ + mean_`` in ``z``'s dtype (the inverse of :meth:`transform`).
 
+        Parameters
+        ----------
+        z : Tensor or numpy array
+            Standardized data.
+
+        Returns
+        -------
+        Tensor
+            In the original units, in ``z``'s dtype.
+
         Examples
         --------
         >>> s = Standardizer().fit(torch.tensor([[0.0], [2.0]]))
@@ -706,7 +719,7 @@ class Standardizer(nn.Module):
         return out if out.dtype is z.dtype else out.to(z.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """:meth:`transform`."""
+        """:meth:`transform` (the module's call: ``model(x)``)."""
         return self.transform(x)
 
     # --- scikit-learn interop ------------------------------------------------------------------
