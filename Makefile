@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch is pinned to the local CPU wheel; plain `torch` would pull GBs of CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[lab,dev]"
+	# the fused C++ kernels, compiled once now instead of on a first forward (never fatal)
+	-$(BIN)/python -m normlab.kernels build
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -146,15 +146,35 @@ def bench(
         plot_ratios(results, plot_path, title)
 
 
+kernels_app = typer.Typer(
+    help="The fused C++ kernels: compile them ahead of time, or see where they are cached.",
+    no_args_is_help=True,
+)
+
+
+@kernels_app.command("build")
+def kernels_build() -> None:
+    """Compile the fused kernels now (once per machine and torch version, ~15-60 s)."""
+    from .kernels.__main__ import build
+
+    raise typer.Exit(build())
+
+
+@kernels_app.command("status")
+def kernels_status() -> None:
+    """Where the kernel cache is and whether the kernels are built and usable (exit 1 if not)."""
+    from .kernels.__main__ import status
+
+    raise typer.Exit(status())
+
+
+app.add_typer(kernels_app, name="kernels")
+
 from .lab._cli import lab_app  # noqa: E402
 
 app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (see :mod:`normlab.__main__`)."""
     app(prog_name="normlab")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 import normlab.nn as nlnn
-from normlab.functional import batch_norm, batch_norm_train, resolve_kernel
+from normlab.functional import Activation, batch_norm, batch_norm_train, resolve_kernel
 from normlab.functional._backend import FUSED_MIN_NUMEL
-from normlab.kernels import (
-    FusedKernel,
-    _fused,
-    batch_norm_act_train,
-    fused_available,
-    fused_forward_eval,
-)
+from normlab.kernels import FusedKernel, KernelError, _build, fused_available
 
 pytestmark = pytest.mark.skipif(
     not fused_available(), reason="no C++ compiler/ninja: the fused kernels cannot be built here"
@@ -183,7 +175,8 @@ def test_batch_norm_act_matches_torch(layout: str, shape: tuple[int, ...]) -> No
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
     leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
     refs = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    z, mean, _ = batch_norm_act_train(*leaves, 1e-5, 0.1)
+    leaky = Activation("leaky_relu", 0.1)
+    z, mean, _ = batch_norm_train(*leaves, 1e-5, activation=leaky, backend="fused")
     zr = torch.nn.functional.leaky_relu(
         torch.nn.functional.batch_norm(refs[0], None, None, refs[1], refs[2], True), 0.1
     )
@@ -194,7 +187,7 @@ def test_batch_norm_act_matches_torch(layout: str, shape: tuple[int, ...]) -> No
     for ours, ref in zip(leaves, refs):
         torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-3)
     rm, rv = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
-    ze = fused_forward_eval(x, rm, rv, w, b, 1e-5, 0.1)
+    ze = FusedKernel.forward_eval(x, rm, rv, w, b, 1e-5, leaky)
     zre = torch.nn.functional.leaky_relu(torch.nn.functional.batch_norm(x, rm, rv, w, b), 0.1)
     torch.testing.assert_close(ze, zre, rtol=1e-5, atol=1e-5)
     assert not mean.requires_grad
@@ -205,39 +198,53 @@ def test_mask_is_rejected() -> None:
     mask = torch.ones(4, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="backend='fused' does not support mask"):
         batch_norm_train(x, None, None, 1e-5, mask=mask, backend="fused")
-    with pytest.raises(ValueError, match="the 'fused' backend does not support mask"):
-        FusedKernel.forward_train(x, None, None, 1e-5, mask)
-    with pytest.raises(ValueError, match="the 'fused' backend does not support mask"):
-        FusedKernel.backward_train(x, x, None, x[0, :, 0], x[0, :, 0], (True, False, False), mask)
 
 
 def test_auto_policy() -> None:
     big = torch.randn(FUSED_MIN_NUMEL // 16, 16)
-    assert resolve_kernel("auto", big, None).name == "fused"
-    assert resolve_kernel("auto", big.bfloat16(), None).name == "fused"
-    assert resolve_kernel("auto", big.half(), None).name == "native"
+    assert resolve_kernel("auto", big).name == "fused"
+    assert resolve_kernel("auto", big.bfloat16()).name == "fused"
+    assert resolve_kernel("auto", big.half()).name == "native"
     short = torch.randn(-(-FUSED_MIN_NUMEL // 196), 4, 7, 7).bfloat16()  # bf16 NCHW, 7x7 planes
-    assert resolve_kernel("auto", short, None).name == "native"
+    assert resolve_kernel("auto", short).name == "native"
     nhwc = short.contiguous(memory_format=torch.channels_last)
-    assert resolve_kernel("auto", nhwc, None).name == "fused"
-    assert resolve_kernel("auto", torch.randn(8, 16), None).name == "native"
+    assert resolve_kernel("auto", nhwc).name == "fused"
+    small = torch.randn(8, 16)
+    assert resolve_kernel("auto", small).name == "native"
+    assert resolve_kernel("auto", small, variant=True).name == "fused"  # BN+act, Ghost, Renorm
+    assert resolve_kernel("auto", small.half(), variant=True).name == "fused"
     mask = torch.ones(big.shape[0], dtype=torch.bool)
-    assert resolve_kernel("auto", big, mask).name == "reference"
+    assert resolve_kernel("auto", big, mask=mask).name == "reference"
 
 
-def test_falls_back_to_native_without_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No compiler: "auto" picks native, "fused" serves through ATen, results unchanged."""
-    monkeypatch.setattr(_fused, "load_fused", lambda: None)
-    big = torch.randn(FUSED_MIN_NUMEL // 16, 16)
-    assert resolve_kernel("auto", big, None).name == "native"
-    x = _input((4, 3, 5, 5), "contiguous")
-    y, mean, _, invstd = FusedKernel.forward_train(x, None, None, 1e-5)
-    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
-    dx, _, _ = FusedKernel.backward_train(
-        torch.ones_like(x), x, None, mean, invstd, (True, False, False)
+def test_without_kernels_auto_uses_aten_and_fused_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler: "auto" picks native with the same results; an explicit "fused" raises the reason."""
+    monkeypatch.setattr(
+        _build, "_load", lambda announce=True: (None, KernelError("ninja is not installed"))
     )
-    assert dx is not None
-    torch.testing.assert_close(dx, torch.zeros_like(x), rtol=0, atol=1e-5)
+    big = torch.randn(FUSED_MIN_NUMEL // 16, 16)
+    assert resolve_kernel("auto", big).name == "native"
+    assert resolve_kernel("auto", big[:8], variant=True).name == "native"
+    layer = nlnn.BatchNormAct2d(3)
+    x = _input((4, 3, 5, 5), "contiguous")
+    ref = torch.nn.functional.leaky_relu(
+        torch.nn.functional.batch_norm(x, None, None, training=True), 0.01
+    )
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        KernelError,
+        match="backend='fused' was requested but the fused kernels cannot be used: ninja is not installed",
+    ):
+        nlnn.BatchNorm2d(3, backend="fused")(x)
+    with pytest.raises(KernelError, match="cannot be used"):
+        batch_norm(x, None, None, training=True, backend="fused")
+
+
+def test_fused_refuses_inputs_it_does_not_serve() -> None:
+    with pytest.raises(
+        ValueError, match="backend='fused' serves non-empty CPU tensors of a floating dtype"
+    ):
+        resolve_kernel("fused", torch.zeros(0, 3))
 
 
 def test_compile_failure_is_logged_once_at_debug(
@@ -249,13 +256,11 @@ def test_compile_failure_is_logged_once_at_debug(
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(_build, "_has_op", lambda ops, op: False)  # as in a fresh process
     monkeypatch.setenv("NORMLAB_KERNEL_CACHE", str(tmp_path))
-    load = _fused.load_fused.__wrapped__  # the uncached loader
-    with caplog.at_level(logging.DEBUG, logger="normlab"):
-        assert load() is None
-    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
-    assert "falling back to 'native'" in caplog.records[0].getMessage()
-    assert "no C++ compiler" in caplog.records[0].getMessage()
+    ops, error = _build._load.__wrapped__()  # the uncached loader
+    assert ops is None and "the build failed: no C++ compiler" in str(error)
+    assert not error.refused  # a machine without a compiler: no warning, ATen serves
 
 
 # above the 8 MB streaming-store threshold: planes of 49 (straddling vectors), 961, 2209
@@ -268,7 +273,7 @@ def test_eval_streamed(shape: tuple[int, ...]) -> None:
     x = _input(shape, "contiguous")
     c = shape[1]
     rm, rv, w, b = torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
-    y = fused_forward_eval(x, rm, rv, w, b, 1e-5)
+    y = FusedKernel.forward_eval(x, rm, rv, w, b, 1e-5)
     torch.testing.assert_close(
         y, torch.nn.functional.batch_norm(x, rm, rv, w, b), rtol=1e-5, atol=1e-5
     )
@@ -293,7 +298,7 @@ def test_train_streamed(shape: tuple[int, ...], layout: str, dtype: torch.dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.double(), yr.to(dtype).double(), rtol=tol, atol=tol)
     dy = torch.randn_like(x)
-    dx, dw, db = FusedKernel.backward_train(dy, x, w, mean, invstd, (True, True, True))
+    dx, dw, db = FusedKernel.backward_train(dy, x, w, b, mean, invstd, (True, True, True))
     dxr, dwr, dbr = torch.ops.aten.native_batch_norm_backward(
         dy, x, w, None, None, mean, invstd, True, 1e-5, [True, True, True]
     )

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import normlab.nn as nlnn
+from normlab.functional import batch_norm_train, ghost_chunks
 from normlab.kernels import fused_available
-from normlab.nn._ghost import chunk_sizes
 
 
 def _set_affine(*mods: torch.nn.Module) -> None:
@@ -103,14 +103,19 @@ def test_renorm_paper_schedule_and_limits() -> None:
     assert m.limits() == (1.0, 0.0)
     m.num_batches_tracked.fill_(40_000)
     assert m.limits() == (3.0, 5.0)
-    assert "r_max=schedule" in repr(m)
+    assert "r_max=Ramp(start=1.0, end=3.0, start_step=5000, end_step=40000)" in repr(m)
+    assert "r_max=schedule" in repr(nlnn.BatchRenorm2d(2, r_max=lambda step: 2.0))
 
 
 def test_renorm_errors() -> None:
     with pytest.raises(ValueError, match="track_running_stats must be True"):
         nlnn.BatchRenorm1d(3, track_running_stats=False)
-    m = nlnn.BatchRenorm1d(3, r_max=0.5)
-    with pytest.raises(ValueError, match=r"need r_max >= 1 and d_max >= 0, got r_max=0.5"):
+    with pytest.raises(ValueError, match=r"r_max must be >= 1, got 0.5"):
+        nlnn.BatchRenorm1d(3, r_max=0.5)
+    with pytest.raises(ValueError, match=r"d_max must be a finite number, got nan"):
+        nlnn.BatchRenorm1d(3, d_max=float("nan"))
+    m = nlnn.BatchRenorm1d(3, r_max=lambda step: 0.5)  # a schedule is checked when evaluated
+    with pytest.raises(ValueError, match=r"need finite r_max >= 1 and d_max >= 0, got r_max=0.5"):
         m(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\)"):
         nlnn.BatchRenorm2d(3)(torch.randn(4, 3))
@@ -122,15 +127,15 @@ def test_renorm_errors() -> None:
 @pytest.mark.parametrize(
     ("n", "v", "expected"),
     [
-        (64, 32, (2, 32, 0)),
-        (70, 32, (2, 32, 6)),
-        (65, 32, (1, 32, 33)),
-        (20, 32, (0, 32, 20)),
-        (33, 32, (0, 32, 33)),
+        (64, 32, [32, 32]),
+        (70, 32, [32, 32, 6]),
+        (65, 32, [32, 33]),
+        (20, 32, [20]),
+        (33, 32, [33]),
     ],
 )
-def test_chunk_sizes(n: int, v: int, expected: tuple[int, int, int]) -> None:
-    assert chunk_sizes(n, v) == expected
+def test_chunk_sizes(n: int, v: int, expected: list[int]) -> None:
+    assert ghost_chunks(n, v) == expected
 
 
 @pytest.mark.parametrize("n", [64, 70, 65, 20, 33])
@@ -147,8 +152,9 @@ def test_ghost_equals_batchnorm_per_chunk(n: int, layout: str, backend: str) -> 
     _set_affine(ours)
     xg = x.clone().requires_grad_()
     y = ours(xg)
-    full, v, last = chunk_sizes(n, 32)
-    bounds = [(i * v, (i + 1) * v) for i in range(full)] + ([(full * v, n)] if last else [])
+    sizes = ghost_chunks(n, 32)
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends))
     means, vars_ = [], []
     refs = []
     for lo, hi in bounds:
@@ -188,8 +194,10 @@ def test_ghost_is_batchnorm_when_virtual_batch_covers_the_batch() -> None:
 
 
 def test_ghost_errors() -> None:
-    with pytest.raises(ValueError, match="virtual_batch_size must be >= 2, got 1"):
+    with pytest.raises(ValueError, match="virtual_batch_size must be an integer >= 2, got 1"):
         nlnn.GhostBatchNorm1d(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match=r"virtual_batch_size must be an integer >= 2, got 2\.5"):
+        nlnn.GhostBatchNorm1d(3, virtual_batch_size=2.5)
     with pytest.raises(ValueError, match="GhostBatchNorm does not support mask"):
         nlnn.GhostBatchNorm1d(3)(torch.randn(4, 3, 2), mask=torch.ones(4, 2, dtype=torch.bool))
 
@@ -217,12 +225,12 @@ def test_ghost_without_affine_and_1d(backend: str) -> None:
 def test_ghost_fused_path_supports_double_backward_and_returns_plain_stats() -> None:
     if not fused_available():
         pytest.skip("no C++ compiler/ninja: the fused kernels cannot be built here")
-    from normlab.functional._batch_norm import chunked_batch_norm_train
-
     x = torch.randn(12, 3, 2, 2, dtype=torch.float64)
     w = torch.rand(3, dtype=torch.float64) + 0.5
     b = torch.randn(3, dtype=torch.float64)
-    _, mean, var = chunked_batch_norm_train(x, w.requires_grad_(), b.requires_grad_(), 1e-5, [4, 8])
+    _, mean, var = batch_norm_train(
+        x, w.requires_grad_(), b.requires_grad_(), 1e-5, chunks=[4, 8], backend="fused"
+    )
     assert mean.shape == (2, 3) and not mean.requires_grad and not var.requires_grad
 
     def penalty(backend: str) -> list[torch.Tensor]:

@@ -60,6 +60,31 @@ def _worker(rank: int, world: int, out: str) -> None:
             torch.testing.assert_close(dw, ref["dw"], rtol=1e-5, atol=1e-5, msg=name)
             torch.testing.assert_close(sync.running_var, ref["rv"], rtol=1e-5, atol=1e-5, msg=name)
             torch.testing.assert_close(sync.running_mean, ref["rm"], rtol=1e-5, atol=1e-5, msg=name)
+        # a converted BN+act keeps its activation and equals BN + activation over the whole batch
+        act = nlnn.SyncBatchNorm.convert_sync_batchnorm(nlnn.BatchNormAct2d(3, negative_slope=0.1))
+        assert isinstance(act, nlnn.SyncBatchNorm) and act.activation == "leaky_relu"
+        xl = x[rank * 4 : rank * 4 + 4].clone().requires_grad_()
+        y = act(xl)
+        xr = x.clone().requires_grad_()
+        yr = nn.functional.leaky_relu(nn.BatchNorm2d(3)(xr), 0.1)
+        torch.testing.assert_close(y, yr[rank * 4 : rank * 4 + 4], rtol=1e-5, atol=1e-5)
+        (y * g[rank * 4 : rank * 4 + 4]).sum().backward()
+        (yr * g).sum().backward()
+        torch.testing.assert_close(xl.grad, xr.grad[rank * 4 : rank * 4 + 4], rtol=1e-5, atol=1e-5)
+        # ranks that disagree on channels or dtype all raise, naming every rank's layout
+        for mismatch in ("channels", "dtype"):
+            layer = nlnn.SyncBatchNorm(3)
+            bad = torch.randn(4, 4 if mismatch == "channels" else 3, 2, 2)
+            if mismatch == "dtype":
+                bad = bad.double()
+            mine = bad if rank == 1 else torch.randn(4, 3, 2, 2)
+            try:
+                layer(mine)
+            except ValueError as err:
+                assert "the processes' inputs differ" in str(err), err
+                assert "rank 0: 3 channels, torch.float32, 4D" in str(err), err
+            else:
+                raise AssertionError(f"a {mismatch} mismatch across ranks did not raise")
         # DistributedDataParallel wraps a converted model
         model = nlnn.SyncBatchNorm.convert_sync_batchnorm(
             nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))

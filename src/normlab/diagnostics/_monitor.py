@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..nn.utils._table import render_table
+from .._table import render_table
 
 __all__ = ["LayerMonitor"]
 
@@ -241,7 +241,6 @@ class LayerMonitor:
             f"LayerMonitor: {self._step + 1} step(s), every {self.every}; means over recorded steps",
             ["layer", "type", "steps", *_METRICS],
             rows,
-            width=200,
         )
 
     def plot(self, path: str | Path) -> Path:

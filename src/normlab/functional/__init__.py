@@ -1,34 +1,61 @@
-"""The math of normalization: statistics, their merge, normalize, closed-form backward."""
+"""The math of normalization: statistics, their merge, normalize, closed-form backward.
 
+The one training path (:mod:`._train`), the one backend decision (:func:`resolve_kernel`),
+argument validation (:mod:`._checks`) and a layer's whole forward as a function of its
+state (:func:`batch_norm_layer`) live here; :mod:`normlab.nn` holds parameters and buffers.
+"""
+
+from ._activation import ACTIVATIONS, Activation, make_activation
 from ._backend import BACKENDS, Backend, BatchNormKernel, register_kernel, resolve_kernel
 from ._batch_norm import (
+    NONFINITE,
+    SINGLE_SAMPLE,
+    LayerSpec,
     NonFinite,
-    all_finite_host,
+    Ramp,
     batch_norm,
+    batch_norm_layer,
     batch_norm_train,
     check_batch_size,
+    ghost_chunks,
+    nonfinite_channels,
+    renorm_correction,
     update_running_stats_,
 )
 from ._reference import ReferenceKernel, channel_view, normalize
 from ._stats import accumulation_dtype, batch_norm_stats, merge_stats, reduce_dims
+from ._train import Correction, Plan, Reducer
 
 __all__ = [
+    "ACTIVATIONS",
     "BACKENDS",
+    "NONFINITE",
+    "SINGLE_SAMPLE",
+    "Activation",
     "Backend",
     "BatchNormKernel",
+    "Correction",
+    "LayerSpec",
     "NonFinite",
+    "Plan",
+    "Ramp",
+    "Reducer",
     "ReferenceKernel",
     "accumulation_dtype",
-    "all_finite_host",
     "batch_norm",
+    "batch_norm_layer",
     "batch_norm_stats",
     "batch_norm_train",
     "channel_view",
     "check_batch_size",
+    "ghost_chunks",
+    "make_activation",
     "merge_stats",
+    "nonfinite_channels",
     "normalize",
     "reduce_dims",
     "register_kernel",
+    "renorm_correction",
     "resolve_kernel",
     "update_running_stats_",
 ]

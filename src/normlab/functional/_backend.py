@@ -1,27 +1,55 @@
-"""Choosing a kernel for ``backend=``: an explicit argument, never a global switch."""
+"""Choosing a kernel for ``backend=``: one protocol, one decision, an explicit argument.
+
+Every kernel implements :class:`BatchNormKernel`. A kernel declares what it fuses
+(``activations``, batch ``chunks``); :mod:`normlab.functional._train` composes the rest
+around it (an activation after the kernel, a loop over chunks), so every kernel serves
+every layer. :func:`resolve_kernel` is the only place where a backend is chosen.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from ..kernels import FusedKernel, NativeKernel, fused_available, fused_serves
+from ..kernels import FusedKernel, NativeKernel, fused_available, require_fused
+from ._activation import Activation
+from ._checks import check_choice
 from ._reference import ReferenceKernel
 
-__all__ = ["BACKENDS", "Backend", "BatchNormKernel", "register_kernel", "resolve_kernel"]
-
-log = logging.getLogger("normlab")
+__all__ = [
+    "BACKENDS",
+    "FUSED_BF16_MIN_SPATIAL",
+    "FUSED_MIN_NUMEL",
+    "Backend",
+    "BatchNormKernel",
+    "register_kernel",
+    "resolve_kernel",
+]
 
 Backend = Literal["auto", "reference", "native", "fused"]
 
 
 class BatchNormKernel(Protocol):
-    """What a backend provides (channel axis 1, ``(N, C, *)`` input)."""
+    """What a backend provides. Channel axis 1, ``(N, C, *)`` input in any memory layout.
+
+    Statistics come back in the accumulation dtype (float32 for fp16/bf16 input), the
+    variance biased; with ``chunks`` (consecutive batch chunks, each its own batch) they are
+    ``(len(chunks)·C,)``, chunk-major. A kernel is only handed an ``act`` it lists in
+    ``activations``, ``chunks`` when ``chunked`` and a ``mask`` when it is the reference.
+    """
 
     name: str
+    activations: frozenset[str]
+    chunked: bool
+    differentiable: bool  # forward_train is differentiable itself (ATen's own autograd)
+
+    @staticmethod
+    def serves(x: Tensor) -> bool: ...
+
+    @staticmethod
+    def stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
     @staticmethod
     def forward_train(
@@ -29,6 +57,8 @@ class BatchNormKernel(Protocol):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        act: Activation | None = None,
+        chunks: list[int] | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
 
@@ -37,67 +67,57 @@ class BatchNormKernel(Protocol):
         dy: Tensor,
         x: Tensor,
         weight: Tensor | None,
+        bias: Tensor | None,
         mean: Tensor,
         invstd: Tensor,
         needs: tuple[bool, bool, bool],
+        act: Activation | None = None,
+        chunks: list[int] | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
 
     @staticmethod
-    def stats(x: Tensor) -> tuple[Tensor, Tensor]: ...
-
-    @staticmethod
     def forward_eval(
         x: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
+        mean: Tensor,
+        var: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        act: Activation | None = None,
     ) -> Tensor: ...
 
+    @staticmethod
+    def invert(
+        y: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        act: Activation | None,
+    ) -> Tensor | None: ...
 
-_KERNELS: dict[str, BatchNormKernel] = {"reference": ReferenceKernel(), "native": NativeKernel()}
+
+_KERNELS: dict[str, BatchNormKernel] = {
+    "reference": cast(BatchNormKernel, ReferenceKernel()),
+    "native": cast(BatchNormKernel, NativeKernel()),
+    "fused": cast(BatchNormKernel, FusedKernel()),
+}
 BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused")
 
-# "auto" uses the fused kernels from this many elements on: below it the call is
-# dominated by fixed costs (the Python autograd.Function, the running-stat update,
-# ~80 µs together) and a first call would pay the one-off compile for no gain.
+# "auto" takes the fused kernels for plain batch norm from this many elements on: below it
+# a call is dominated by fixed costs (the Python autograd.Function, ~30 µs) that ATen's
+# C++ autograd does not pay. Layers that run the Function anyway (activation, chunks,
+# correction) take the fused kernels at every size.
 FUSED_MIN_NUMEL = 1 << 20
 # bf16 NCHW with short spatial runs stays on ATen (measured slower, docs/performance.md)
 FUSED_BF16_MIN_SPATIAL = 1024
-# where the fused kernels measured faster than ATen
 _FUSED_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def register_kernel(name: str, kernel: BatchNormKernel) -> None:
-    """Make ``kernel`` available as ``backend=name`` (used by the fused fast path)."""
+    """Make ``kernel`` available as ``backend=name``."""
     _KERNELS[name] = kernel
-
-
-register_kernel("fused", FusedKernel())
-
-
-def _prefer_fused(x: Tensor) -> bool:
-    """``"auto"``'s choice of the fused kernels: CPU, fp32/bf16, not tiny, eager, compiled OK
-    (and, for bf16 NCHW, spatial planes of at least ``FUSED_BF16_MIN_SPATIAL``).
-
-    Under ``torch.compile`` Inductor generates its own batch norm from ATen's, so
-    the graph keeps ``native``. Where the kernels cannot be compiled,
-    :func:`~normlab.kernels.fused_available` is ``False`` (said once at debug
-    level) and ATen serves — never a failure where ``native`` works.
-    """
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in _FUSED_AUTO_DTYPES
-        or x.numel() < FUSED_MIN_NUMEL
-        or torch.compiler.is_compiling()
-    ):
-        return False
-    nchw_bf16 = x.dtype == torch.bfloat16 and x.dim() > 2 and x.is_contiguous()  # (N, C, S)
-    if nchw_bf16 and x.numel() // (x.shape[0] * x.shape[1]) < FUSED_BF16_MIN_SPATIAL:
-        return False
-    return fused_available()
 
 
 def _under_functorch(x: Tensor) -> bool:
@@ -108,42 +128,54 @@ def _under_functorch(x: Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def resolve_kernel(backend: str, x: Tensor, mask: Tensor | None) -> BatchNormKernel:
-    """The kernel for ``backend`` and this input.
+def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
+    if x.device.type != "cpu" or not FusedKernel.serves_input(x):
+        return False
+    if variant:  # the layer pays for a Python autograd.Function either way
+        return fused_available()
+    if x.dtype not in _FUSED_AUTO_DTYPES or x.numel() < FUSED_MIN_NUMEL:
+        return False
+    nchw_bf16 = x.dtype == torch.bfloat16 and x.dim() > 2 and x.is_contiguous()  # (N, C, S)
+    if nchw_bf16 and x.numel() // (x.shape[0] * x.shape[1]) < FUSED_BF16_MIN_SPATIAL:
+        return False
+    return fused_available()
 
-    ``"auto"`` picks the fastest path known to be correct: ``reference`` for masked
-    input and inside ``torch.func`` transforms (vmap/grad need pure ops); the
-    ``fused`` C++ kernels for CPU fp32/bf16 input of at least ``FUSED_MIN_NUMEL``
-    elements when they compile; else ATen's ``native``. An explicit backend that
-    cannot serve the call raises.
+
+def resolve_kernel(
+    backend: str, x: Tensor, *, mask: Tensor | None = None, variant: bool = False
+) -> BatchNormKernel:
+    """The kernel for ``backend`` and this input — the one place a backend is chosen.
+
+    ``"auto"`` picks the fastest path known to be correct: ``reference`` for masked input
+    and inside ``torch.func`` transforms (vmap/grad need pure ops); ATen (``native``) under
+    ``torch.compile`` (Inductor generates its own kernel from ATen's); the ``fused`` C++
+    kernels for CPU input they serve when they are built and either the input is large
+    (fp32/bf16, ``FUSED_MIN_NUMEL`` elements) or ``variant`` (the call runs normlab's
+    autograd Function anyway: an activation, chunks, a correction); else ``native``.
+
+    An explicit backend that cannot serve the call raises: ``"fused"`` when the kernels
+    cannot be built or loaded (:class:`~normlab.kernels.KernelError`, with the reason) or
+    for an input they do not serve; any backend but ``"reference"`` with a mask.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if mask is not None or _under_functorch(x):
+    check_choice(backend, "backend", ("auto", *_KERNELS))
+    if backend == "reference":
+        return _KERNELS["reference"]
+    if mask is not None:
+        if backend == "auto":
             return _KERNELS["reference"]
-        return _KERNELS["fused" if _prefer_fused(x) else "native"]
-    if backend not in _KERNELS:
-        raise RuntimeError(f"backend {backend!r} is not available in this installation")
-    if mask is not None and backend != "reference":
         raise ValueError(f"backend={backend!r} does not support mask; use 'auto' or 'reference'")
+    if backend == "auto":
+        if _under_functorch(x):
+            return _KERNELS["reference"]
+        if torch.compiler.is_compiling():
+            return _KERNELS["native"]
+        return _KERNELS["fused" if _auto_prefers_fused(x, variant) else "native"]
+    if backend == "fused":
+        require_fused()
+        if not FusedKernel.serves_input(x):
+            raise ValueError(
+                "backend='fused' serves non-empty CPU tensors of a floating dtype with at least "
+                f"2 dimensions; got a {x.dim()}D {x.dtype} tensor on {x.device} with "
+                f"{x.numel()} elements (use backend='auto')"
+            )
     return _KERNELS[backend]
-
-
-def fused_for_layer(backend: str, x: Tensor) -> bool:
-    """Whether a layer that runs its own ``autograd.Function`` (Renorm, Ghost, BN+act) should use
-    the fused kernels for ``x``: where ``backend`` resolves to them, and under ``"auto"`` also
-    where plain BatchNorm stays on ATen (small or bf16-NCHW input). Those thresholds weigh ATen's
-    C++ autograd against a Python ``Function``; these layers pay for the Function either way, and
-    their ATen route needs extra passes (a float32 copy for bf16 statistics, a fold, torch-op
-    backwards)."""
-    kernel = resolve_kernel(backend, x, None)  # first: under torch.func this is "reference"
-    if kernel.name == "fused":
-        return fused_serves(x)  # compiles the kernels on first use
-    # auto: never inside torch.compile (Inductor generates its own kernel from ATen's ops)
-    return (
-        backend == "auto"
-        and kernel.name == "native"
-        and not torch.compiler.is_compiling()
-        and fused_serves(x)
-    )

@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._norms import NormLeafTracer, is_norm_layer
+from .._table import render_table
 from ._core import kaiming_normal_, lecun_normal_, normal_, orthogonal_, xavier_uniform_
 from ._gain import calculate_gain
 
@@ -31,7 +33,6 @@ _LAYERS = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 _ACT_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu",
@@ -65,7 +66,6 @@ _ACT_FUNCTIONS: dict[Any, str] = {
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 # modules and functions a signal passes through on its way to the activation
 _TRANSPARENT_MODULES = (
-    *_NORMS,
     nn.Dropout,
     nn.Identity,
     nn.Flatten,
@@ -94,20 +94,15 @@ def require_materialized(layers: list[tuple[str, nn.Module]], caller: str) -> No
                 )
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, _NORMS) or (hasattr(m, "running_mean") and hasattr(m, "num_features"))
-
-
-class _NormLeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_norm(m) or super().is_leaf_module(m, qualname)
-
-
 def _activation_of_node(
     node: fx.Node, modules: dict[str, nn.Module]
 ) -> tuple[str, float | None] | None:
     if node.op == "call_module":
         m = modules[str(node.target)]
+        fused = getattr(m, "activation", None)  # a normalization layer with its activation
+        if is_norm_layer(m) and isinstance(fused, str) and fused != "identity":
+            param = {"leaky_relu": "negative_slope", "elu": "alpha"}.get(fused)
+            return fused, getattr(m, param) if param else None
         for cls, name in _ACT_MODULES.items():
             if isinstance(m, cls):
                 return name, getattr(m, "negative_slope", None)
@@ -120,7 +115,7 @@ def _activation_of_node(
 
 def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)], _TRANSPARENT_MODULES) or _is_norm(
+        return isinstance(modules[str(node.target)], _TRANSPARENT_MODULES) or is_norm_layer(
             modules[str(node.target)]
         )
     if node.op == "call_function":
@@ -132,7 +127,7 @@ def find_activations(model: nn.Module) -> tuple[dict[str, tuple[str, float | Non
     """``{layer path: (activation, param)}`` for every Conv/Linear, and the method used (fx/order)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
     try:
-        graph = _NormLeafTracer().trace(model)
+        graph = NormLeafTracer().trace(model)
     except Exception:
         return _by_module_order(model), "module order"
     modules = dict(model.named_modules())
@@ -180,20 +175,18 @@ class InitReport:
     zeroed_residual: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"initialize ({self.method})")
-        for col in ("layer", "shape", "scheme", "activation", "gain", "std"):
-            table.add_column(col)
-        for layer, shape, scheme, act, gain, std in self.rows:
-            table.add_row(layer, str(shape), scheme, act, f"{gain:.4f}", f"{std:.4g}")
-        console = Console(width=120, record=True, file=None)
-        with console.capture() as cap:
-            console.print(table)
-            if self.zeroed_residual:
-                console.print("zero-initialized residual norms: " + ", ".join(self.zeroed_residual))
-        return cap.get()
+        rows = [
+            (layer, shape, scheme, act, f"{gain:.4f}", f"{std:.4g}")
+            for layer, shape, scheme, act, gain, std in self.rows
+        ]
+        text = render_table(
+            f"initialize ({self.method})",
+            ("layer", "shape", "scheme", "activation", "gain", "std"),
+            rows,
+        )
+        if self.zeroed_residual:
+            text += "\nzero-initialized residual norms: " + ", ".join(self.zeroed_residual)
+        return text
 
 
 def _scheme_for(scheme: str, act: str) -> str:
@@ -261,7 +254,7 @@ def _residual_norms(model: nn.Module) -> list[str]:
         if not name or isinstance(block, nn.Sequential | nn.ModuleList):
             continue
         try:
-            graph = _NormLeafTracer().trace(block)
+            graph = NormLeafTracer().trace(block)
         except Exception:
             continue
         modules = dict(block.named_modules())
@@ -280,7 +273,7 @@ def _residual_norms(model: nn.Module) -> list[str]:
                 continue
             current: fx.Node | None = branch
             while current is not None and current.op != "placeholder":
-                if current.op == "call_module" and _is_norm(modules[str(current.target)]):
+                if current.op == "call_module" and is_norm_layer(modules[str(current.target)]):
                     found.append(f"{name}.{current.target}")
                     break
                 inputs = current.all_input_nodes
@@ -313,7 +306,7 @@ def initialize(
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     require_materialized(
-        [(name, m) for name, m in model.named_modules() if isinstance(m, _LAYERS) or _is_norm(m)],
+        [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS) or is_norm_layer(m)],
         "initialize",
     )
     acts, method = find_activations(model)
@@ -326,7 +319,7 @@ def initialize(
             if m.bias is not None:
                 m.bias.zero_()
             report.rows.append((name, tuple(m.weight.shape), chosen, act, gain, _std(m.weight)))
-        elif _is_norm(m) and getattr(m, "weight", None) is not None:
+        elif is_norm_layer(m) and getattr(m, "weight", None) is not None:
             m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()

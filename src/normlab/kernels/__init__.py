@@ -1,27 +1,22 @@
 """Fast batch-norm kernels behind ``backend=``.
 
-A kernel is any object with the static methods of
-:class:`normlab.functional.BatchNormKernel` (``forward_train``, ``backward_train``,
-``stats``, ``forward_eval``), channel axis 1. ``native`` wraps ATen; the performance work
-adds ``fused`` (C++/OpenMP, JIT-compiled on first use) here. Kernels never import from the rest of normlab.
+A kernel implements :class:`normlab.functional.BatchNormKernel` (channel axis 1): ``native``
+wraps ATen; ``fused`` is normlab's C++/OpenMP code, compiled once per machine into a private
+cache (:mod:`._build`: ``normlab kernels build``, ``normlab kernels status``). Kernels never
+import from the rest of normlab.
 """
 
-from ._fused import (
-    FusedKernel,
-    batch_norm_act_train,
-    fused_available,
-    fused_forward_eval,
-    fused_serves,
-    invert_batch_norm_act,
-)
+from ._build import KernelError, KernelStatus, build_kernels, kernel_status, require_fused
+from ._fused import FusedKernel, fused_available
 from ._native import NativeKernel
 
 __all__ = [
     "FusedKernel",
+    "KernelError",
+    "KernelStatus",
     "NativeKernel",
-    "batch_norm_act_train",
+    "build_kernels",
     "fused_available",
-    "fused_forward_eval",
-    "fused_serves",
-    "invert_batch_norm_act",
+    "kernel_status",
+    "require_fused",
 ]

@@ -1,24 +1,38 @@
-"""ATen's own batch-norm kernels behind normlab's kernel interface (``backend="native"``)."""
+"""ATen's own batch-norm kernels behind normlab's kernel protocol (``backend="native"``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ["NativeKernel"]
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW else dtype
+
 
 class NativeKernel:
-    """``aten::native_batch_norm`` / ``native_batch_norm_backward`` (no mask support).
+    """``aten::native_batch_norm`` / ``native_batch_norm_backward``.
 
-    ``forward_train`` is itself differentiable (``differentiable = True``): ATen's
-    autograd formula for ``native_batch_norm`` *is* the closed-form backward, in
-    C++, so callers use it directly instead of wrapping it in a Python
-    ``autograd.Function`` (which costs tens of microseconds a call).
+    ``forward_train`` is itself differentiable (``differentiable = True``): ATen's autograd
+    formula for ``native_batch_norm`` *is* the closed-form backward, in C++, so plain batch
+    norm uses it directly instead of a Python ``autograd.Function`` (tens of microseconds a
+    call). It fuses no activation and takes no chunks; :mod:`normlab.functional` composes them.
     """
 
     name = "native"
+    activations: frozenset[str] = frozenset()
+    chunked = False
     differentiable = True
+
+    @staticmethod
+    def serves(x: Tensor) -> bool:
+        return True
 
     @staticmethod
     def forward_train(
@@ -26,20 +40,21 @@ class NativeKernel:
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        act: Any = None,
+        chunks: list[int] | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns ``(y, mean, var, invstd)`` with the biased ``var``.
 
-        ATen returns the mean and ``invstd`` only; ``1/invstd^2 - eps`` would lose
-        the variance when it is small against ``eps``. So ATen is handed scratch
-        running buffers with ``momentum=1``: they receive exactly the batch mean
-        and the unbiased variance ATen computes, in its accumulation precision.
+        ATen returns the mean and ``invstd`` only; ``1/invstd^2 - eps`` would lose the
+        variance when it is small against ``eps``. So ATen is handed scratch running buffers
+        with ``momentum=1``: they receive exactly the batch mean and the unbiased variance
+        ATen computes, in its accumulation precision.
         """
-        if mask is not None:
-            raise ValueError("the 'native' backend does not support mask; use backend='reference'")
+        assert act is None and chunks is None and mask is None, "composed by normlab.functional"
         channels = x.shape[1]
         n = x.numel() // channels
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        acc = _acc(x.dtype)
         stat_dtype = weight.dtype if weight is not None else acc
         scratch_mean = torch.zeros(channels, dtype=stat_dtype, device=x.device)
         scratch_var = torch.zeros(channels, dtype=stat_dtype, device=x.device)
@@ -55,16 +70,37 @@ class NativeKernel:
         return y, mean, var, invstd
 
     @staticmethod
+    def train_and_update(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One ATen call normalizes ``x`` and moves the given running buffers (in place, torch's
+        update); returns ``(y, mean, invstd)``. The hot path of plain batch norm."""
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        return y, mean, invstd
+
+    @staticmethod
     def backward_train(
         dy: Tensor,
         x: Tensor,
         weight: Tensor | None,
+        bias: Tensor | None,
         mean: Tensor,
         invstd: Tensor,
         needs: tuple[bool, bool, bool],
+        act: Any = None,
+        chunks: list[int] | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``aten::native_batch_norm_backward`` — the same closed form, in C++."""
+        assert act is None and chunks is None and mask is None, "composed by normlab.functional"
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy.contiguous(memory_format=_memory_format(x)),
             x,
@@ -77,31 +113,52 @@ class NativeKernel:
             0.0,
             [needs[0], needs[1] and weight is not None, needs[2]],
         )
-        return dx, dw, db
+        if weight is None and needs[2] and db is not None:
+            db = db.to(mean.dtype)
+        return (
+            dx if needs[0] else None,
+            dw if needs[1] and weight is not None else None,
+            db if needs[2] else None,
+        )
 
     @staticmethod
-    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, biased var)`` from ATen's ``batch_norm_update_stats`` (the statistics
-        ATen's own training forward uses). ATen returns bf16/fp16 statistics for bf16/fp16
-        input, so such input is reduced in float32, the accumulation dtype of every backend."""
-        if x.dtype in (torch.float16, torch.bfloat16):
+    def stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(mean, biased var)`` from ATen's ``batch_norm_update_stats`` (the statistics ATen's
+        own training forward uses), reduced in float32 for fp16/bf16 input."""
+        assert mask is None, "composed by normlab.functional"
+        if x.dtype in _LOW:
             x = x.float()
+        if x.device.type not in ("cpu", "cuda"):  # ATen's update_stats: CPU/CUDA only
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            return mean, var
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         return mean, var
 
     @staticmethod
     def forward_eval(
         x: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
+        mean: Tensor,
+        var: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        act: Any = None,
     ) -> Tensor:
-        """Inference through ``torch.batch_norm`` (differentiable, exportable)."""
-        return torch.nn.functional.batch_norm(
-            x, running_mean, running_var, weight, bias, False, 0.0, eps
-        )
+        """Normalize with given statistics through ``torch.batch_norm`` (differentiable, exportable)."""
+        assert act is None, "composed by normlab.functional"
+        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def invert(
+        y: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        act: Any,
+    ) -> Tensor | None:
+        """ATen has no inverse: the reference's serves."""
+        return None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -99,10 +99,33 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
   return t.contiguous(fmt);
 }
 
+// ---------- argument checks: no Python path can reach a kernel with a wrong shape ----------
+void check_input(const Tensor& x, const char* what) {
+  TORCH_CHECK(x.defined(), "normlab fused ", what, ": the input is undefined");
+  TORCH_CHECK(x.device().is_cpu(), "normlab fused ", what, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "normlab fused ", what, ": expected a floating-point input, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, "normlab fused ", what, ": expected (N, C, *) input, got ", x.dim(), "D");
+}
+
+// A per-channel tensor (may be absent): CPU, floating point, `expected` elements.
+void check_channels(const std::optional<Tensor>& t, int64_t expected, const char* name) {
+  if (!t || !t->defined()) return;
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == expected, name, " should contain ", expected, " elements not ", t->numel());
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "batch_norm eps must be a non-negative finite number, got ", eps);
+}
+
 // Per-channel parameters (gamma, beta) in double, with defaults.
 std::vector<double> channel_param(const std::optional<Tensor>& t, int64_t C, double fill) {
   std::vector<double> out(C, fill);
   if (t && t->defined()) {
+    TORCH_CHECK(t->numel() == C, "normlab fused batch_norm: a per-channel tensor has ", t->numel(),
+                " elements, expected ", C);
     auto f = t->to(at::kDouble).contiguous();
     const double* p = f.data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) out[c] = p[c];
@@ -468,13 +491,18 @@ struct Moments {
 
 inline Moments moments(double s, double q, double n) {
   const double dm = s / n;
-  return {dm, std::max(0.0, q / n - dm * dm)};
+  const double var = q / n - dm * dm;
+  return {dm, var < 0.0 ? 0.0 : var};  // NaN stays NaN (std::max(0, NaN) is 0), as in torch
 }
+
+// A non-finite shift would turn an Inf mean into NaN (Inf - Inf): shift by 0 then, as torch.
+template <typename A>
+inline A finite_or_zero(A v) { return std::isfinite(v) ? v : A(0); }
 
 // NCS channel c: shifted sums over its N runs of S values, shift = its first value.
 template <typename T>
 inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t c, acc_t<T>& shift) {
-  shift = load(px[c * S]);
+  shift = finite_or_zero(load(px[c * S]));
   double s = 0, q = 0;
   for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
   return moments(s, q, static_cast<double>(N) * S);
@@ -485,7 +513,7 @@ template <typename T>
 std::vector<Moments> rows_moments(const T* px, int64_t M, int64_t C, std::vector<acc_t<T>>& shift) {
   using A = acc_t<T>;
   shift.resize(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = load(px[c]);
+  for (int64_t c = 0; c < C; ++c) shift[c] = finite_or_zero(load(px[c]));
   std::vector<double> s, q;
   rows_reduce<T>(M, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
     rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
@@ -589,8 +617,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
                                                          const std::optional<Tensor>& bias, double eps,
                                                          std::optional<double> slope,
                                                          at::OptionalIntArrayRef chunks) {
-  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  check_input(input, "forward_train");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
+  check_channels(weight, input.size(1), "weight");
+  check_channels(bias, input.size(1), "bias");
+  check_eps(eps);
   Tensor x = input;
   const Shape sh = layout_of(x);
   const auto sizes = chunk_sizes(chunks, sh.N);
@@ -650,7 +681,7 @@ void stats_impl(const Tensor& x, const Shape& sh, Tensor& mean_t, Tensor& var_t)
 }
 
 std::tuple<Tensor, Tensor> stats(const Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  check_input(input, "stats");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
   Tensor x = input;
   const Shape sh = layout_of(x);
@@ -757,13 +788,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
                                                   const std::optional<Tensor>& bias, const Tensor& mean,
                                                   const Tensor& invstd, std::optional<double> slope,
                                                   std::array<bool, 3> needs, at::OptionalIntArrayRef chunks) {
+  check_input(input, "backward_train");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "normlab fused backward_train: the gradient has shape ",
+              grad_out.sizes(), ", the input ", input.sizes());
+  TORCH_CHECK(grad_out.device().is_cpu(), "normlab fused backward_train: the gradient must be a CPU tensor");
+  check_channels(weight, input.size(1), "weight");
+  check_channels(bias, input.size(1), "bias");
   Tensor x = input;
   const Shape sh = layout_of(x);
   const auto sizes = chunk_sizes(chunks, sh.N);
   const int64_t G = static_cast<int64_t>(sizes.size());
-  TORCH_CHECK(mean.numel() == G * sh.C && invstd.numel() == G * sh.C,
-              "normlab fused batch_norm: expected one row of statistics per chunk");
+  check_channels(mean, G * sh.C, "mean");
+  check_channels(invstd, G * sh.C, "invstd");
   Tensor dy = like_layout(grad_out.to(x.scalar_type()), x);
   const auto gamma = channel_param(weight, sh.C, 1.0);
   const auto beta = channel_param(bias, sh.C, 0.0);
@@ -904,8 +941,12 @@ void invert_act_impl(const Tensor& y, const Shape& sh, Tensor& x, const std::vec
 
 Tensor invert_act(const Tensor& output, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
                   const std::optional<Tensor>& bias, double slope) {
-  TORCH_CHECK(output.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  check_input(output, "invert_act");
   TORCH_CHECK(slope > 0, "normlab fused invert_act: the activation must be invertible (slope > 0)");
+  check_channels(mean, output.size(1), "mean");
+  check_channels(invstd, output.size(1), "invstd");
+  check_channels(weight, output.size(1), "weight");
+  check_channels(bias, output.size(1), "bias");
   Tensor y = output;
   if (y.numel() == 0) return at::empty_like(y);
   const Shape sh = layout_of(y);
@@ -924,7 +965,12 @@ Tensor invert_act(const Tensor& output, const Tensor& mean, const Tensor& invstd
 Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
                     std::optional<double> slope) {
-  TORCH_CHECK(input.dim() >= 2, "normlab fused batch_norm: expected (N, C, *) input");
+  check_input(input, "forward_eval");
+  check_channels(running_mean, input.size(1), "running_mean");
+  check_channels(running_var, input.size(1), "running_var");
+  check_channels(weight, input.size(1), "weight");
+  check_channels(bias, input.size(1), "bias");
+  check_eps(eps);
   Tensor x = input;
   if (x.numel() == 0) return at::empty_like(x);
   const Shape sh = layout_of(x);

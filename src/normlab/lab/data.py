@@ -9,9 +9,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +25,8 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "FILE_DATASETS",
+    "MAX_IDX_BYTES",
     "Dataset",
     "DatasetError",
     "distort",
@@ -30,13 +35,8 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
+FILE_DATASETS = ("fashion-mnist", "mnist", "cifar10")  # read from files; the others are built in
 DEBIAN_DIR = Path("/usr/share/datasets")
-_HOW_TO_GET = (
-    "normlab never downloads data. Get Fashion-MNIST with `make data` (Debian package "
-    "dataset-fashion-mnist, needs root), or put the IDX files (train-images-idx3-ubyte.gz, "
-    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder "
-    "and pass --data-dir (or set $NORMLAB_DATA)."
-)
 
 
 class DatasetError(RuntimeError):
@@ -132,6 +132,56 @@ def _synthetic(
     return _make("synthetic", xtr, ytr, xte, yte, (features,), classes)
 
 
+# --- where the files are -------------------------------------------------------------
+
+
+def _folders(name: str, data_dir: Path | None) -> tuple[list[Path], bool]:
+    """The folders that may hold ``name``'s files, and whether the user named them.
+
+    An explicit folder (``data_dir``, else ``$NORMLAB_DATA``) is the only place looked at, with its
+    ``<name>/`` subfolder; the system copy (Debian's ``/usr/share/datasets``) only when neither is set.
+    """
+    env = os.environ.get("NORMLAB_DATA")
+    root = data_dir if data_dir is not None else Path(env) if env else None
+    if root is not None:
+        if not root.is_dir():
+            origin = "--data-dir" if data_dir is not None else "$NORMLAB_DATA"
+            raise DatasetError(f"{name}: {origin} {root} is not a folder")
+        subfolders = [name, "cifar-10-batches-py"] if name == "cifar10" else [name]
+        return [root, *(root / sub for sub in subfolders)], True
+    if name == "fashion-mnist":
+        return [DEBIAN_DIR / "fashion-mnist", DEBIAN_DIR / "fashion_mnist"], False
+    return [DEBIAN_DIR / name], False
+
+
+def _find_files(
+    name: str, data_dir: Path | None, wanted: Mapping[str, tuple[str, ...]], what: str, how_to: str
+) -> dict[str, Path]:
+    """``{key: path}`` for every wanted file, all from one folder: the first folder that holds any of them.
+
+    ``wanted`` maps a key to the accepted file names (first = the canonical one). A folder with only
+    some of the files stops the search with an error naming the missing ones: files are never mixed
+    across folders, and an explicit folder is never replaced by the system copy.
+    """
+    folders, explicit = _folders(name, data_dir)
+    for d in folders:
+        found = {
+            key: next((d / n for n in names if (d / n).is_file()), None)
+            for key, names in wanted.items()
+        }
+        if any(found.values()):
+            missing = [names[0] for key, names in wanted.items() if found[key] is None]
+            if missing:
+                raise DatasetError(
+                    f"{name}: {d} holds only part of the dataset; missing {', '.join(missing)}. "
+                    "normlab never mixes files from different folders: add the missing files"
+                    + (" or pass another --data-dir." if explicit else ".")
+                )
+            return {key: p for key, p in found.items() if p is not None}
+    searched = ", ".join(str(d) for d in folders)
+    raise DatasetError(f"{name}: {what} not found (searched {searched}). {how_to}")
+
+
 # --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------
 
 _IDX_DTYPES: dict[int, Any] = {
@@ -142,36 +192,103 @@ _IDX_DTYPES: dict[int, Any] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+# The largest IDX body read_idx accepts by default, about 20x MNIST's training images (47 MB). A header
+# that claims more is refused before any of the body is read (or decompressed).
+MAX_IDX_BYTES = 1 << 30
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), validating magic, dtype code, dimensions and length."""
+def _read_exactly(f: io.BufferedIOBase, n: int, path: Path, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise DatasetError(
+            f"{path}: truncated {what} ({len(data)} of {n} bytes); the file is truncated or corrupt"
+        )
+    return data
+
+
+def read_idx(
+    path: Path | str,
+    *,
+    ndim: int | None = None,
+    dtype: Any = None,
+    max_bytes: int = MAX_IDX_BYTES,
+) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), validating its header before reading its body.
+
+    The header (magic ``00 00``, a dtype code, the number of dimensions, the dimensions) is checked
+    first: every dimension must be at least 1, the body at most ``max_bytes``, and ``ndim`` / ``dtype``
+    what the caller expects. Then exactly the body the header announces is read (for a ``.gz`` file,
+    decompressed incrementally: never more than that plus one read buffer), and the file must end there.
+
+    Parameters
+    ----------
+    path : Path or str
+        The file; a name ending in ``.gz`` is read as gzip.
+    ndim, dtype : optional
+        The expected number of dimensions and element dtype (e.g. ``np.uint8``).
+    max_bytes : int
+        The largest body accepted.
+
+    Returns
+    -------
+    numpy.ndarray
+        The array, of the header's shape and dtype.
+
+    Raises
+    ------
+    DatasetError
+        Naming the file and the problem (not IDX, truncated, corrupt deflate stream, empty or
+        unexpected dimensions, longer than its header says, ...).
+
+    Examples
+    --------
+    >>> import gzip, struct, tempfile, numpy as np
+    >>> path = Path(tempfile.mkdtemp()) / "labels-idx1-ubyte.gz"
+    >>> _ = path.write_bytes(gzip.compress(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([1, 2, 3])))
+    >>> read_idx(path, ndim=1, dtype=np.uint8)
+    array([1, 2, 3], dtype=uint8)
+    """
+    path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DatasetError(f"{path}: {len(head)} bytes, too short for an IDX header")
+            zero, code, nd = struct.unpack(">HBB", head)
+            if zero != 0 or code not in _IDX_DTYPES or not 1 <= nd <= 4:
+                raise DatasetError(
+                    f"{path}: not an IDX file (magic bytes {head.hex()}: expected 00 00, a dtype "
+                    f"code in {sorted(hex(c) for c in _IDX_DTYPES)} and 1-4 dimensions)"
+                )
+            dims = struct.unpack(">" + "I" * nd, _read_exactly(f, 4 * nd, path, "header"))
+            kind = np.dtype(_IDX_DTYPES[code])
+            if ndim is not None and nd != ndim:
+                raise DatasetError(f"{path}: {nd} dimensions {dims}, expected {ndim}")
+            if dtype is not None and kind != np.dtype(dtype):
+                raise DatasetError(f"{path}: elements are {kind}, expected {np.dtype(dtype)}")
+            if min(dims) == 0:
+                raise DatasetError(
+                    f"{path}: its header says dims {dims}: the file holds no samples"
+                )
+            size = math.prod(dims) * kind.itemsize
+            if size > max_bytes:
+                raise DatasetError(
+                    f"{path}: its header says dims {dims} ({size:,} bytes), more than the "
+                    f"{max_bytes:,}-byte limit; the header is corrupt (or pass max_bytes)"
+                )
+            body = _read_exactly(f, size, path, f"body (header says dims {dims}, {kind})")
+            if f.read(1):
+                raise DatasetError(
+                    f"{path}: longer than its header says (dims {dims}, {kind}: "
+                    f"{4 + 4 * nd + size} bytes); the file is corrupt"
+                )
+    except DatasetError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DatasetError(
             f"{path}: cannot read ({exc}); the file is truncated or corrupt"
         ) from exc
-    if len(raw) < 4:
-        raise DatasetError(f"{path}: {len(raw)} bytes, too short for an IDX header")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DatasetError(
-            f"{path}: not an IDX file (magic bytes {raw[:4].hex()}: expected 00 00, a dtype code "
-            f"in {sorted(hex(c) for c in _IDX_DTYPES)} and 1-4 dimensions)"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path}: truncated header ({len(raw)} of {header} bytes)")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = header + int(np.prod(dims)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DatasetError(
-            f"{path}: {len(raw)} bytes, but its header (dims {dims}, {dtype}) needs {expected}; "
-            "the file is truncated or corrupt"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return np.frombuffer(body, dtype=kind).reshape(dims)
 
 
 _IDX_FILES = {
@@ -180,50 +297,46 @@ _IDX_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
+_HOW_TO_GET = (
+    "normlab never downloads data. Get Fashion-MNIST with `make data` (Debian package "
+    "dataset-fashion-mnist, needs root), or put the IDX files (train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder "
+    "and pass --data-dir (or set $NORMLAB_DATA)."
+)
 
 
-def _search_dirs(name: str, data_dir: Path | None) -> list[Path]:
-    dirs: list[Path] = []
-    for root in (
-        data_dir,
-        Path(os.environ["NORMLAB_DATA"]) if os.environ.get("NORMLAB_DATA") else None,
-    ):
-        if root is not None:
-            dirs += [root, root / name]
-    if name == "fashion-mnist":
-        dirs += [DEBIAN_DIR / "fashion-mnist", DEBIAN_DIR / "fashion_mnist"]
-    else:
-        dirs += [DEBIAN_DIR / name]
-    return dirs
-
-
-def _find_idx(name: str, data_dir: Path | None) -> dict[str, Path]:
-    for d in _search_dirs(name, data_dir):
-        found = {}
-        for key, stem in _IDX_FILES.items():
-            for candidate in (d / f"{stem}.gz", d / stem, d / stem.replace("-idx", ".idx")):
-                if candidate.is_file():
-                    found[key] = candidate
-                    break
-        if len(found) == len(_IDX_FILES):
-            return found
-    searched = ", ".join(str(d) for d in _search_dirs(name, data_dir))
-    raise DatasetError(f"{name}: IDX files not found (searched {searched}). {_HOW_TO_GET}")
+def _check_labels(path: Path, y: np.ndarray, num_classes: int) -> None:
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if len(bad):
+        raise DatasetError(
+            f"{path}: labels must be 0-{num_classes - 1}; {len(bad)} are not "
+            f"(label {y[bad[0]]} at index {bad[0]})"
+        )
 
 
 def _idx_dataset(name: str, data_dir: Path | None) -> Dataset:
-    files = _find_idx(name, data_dir)
-    arrays = {k: read_idx(p) for k, p in files.items()}
-    for split in ("train", "test"):
-        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+    wanted = {
+        key: (f"{stem}.gz", stem, stem.replace("-idx", ".idx")) for key, stem in _IDX_FILES.items()
+    }
+    files = _find_files(name, data_dir, wanted, "IDX files", _HOW_TO_GET)
+    x = {s: read_idx(files[f"{s}_x"], ndim=3, dtype=np.uint8) for s in ("train", "test")}
+    y = {s: read_idx(files[f"{s}_y"], ndim=1, dtype=np.uint8) for s in ("train", "test")}
+    for s in ("train", "test"):
+        if len(x[s]) != len(y[s]):
             raise DatasetError(
-                f"{name}: {files[split + '_x']} has shape {x.shape} but {files[split + '_y']} has {y.shape}"
+                f"{name}: {files[s + '_x']} holds {len(x[s])} images but {files[s + '_y']} "
+                f"holds {len(y[s])} labels"
             )
-    xtr = arrays["train_x"].reshape(len(arrays["train_x"]), -1) / 255.0
-    xte = arrays["test_x"].reshape(len(arrays["test_x"]), -1) / 255.0
-    h, w = arrays["train_x"].shape[1:]
-    return _make(name, xtr, arrays["train_y"], xte, arrays["test_y"], (1, h, w), 10)
+        _check_labels(files[s + "_y"], y[s], 10)
+    if x["test"].shape[1:] != x["train"].shape[1:]:
+        raise DatasetError(
+            f"{name}: the test images ({files['test_x']}) are {x['test'].shape[1:]} but the "
+            f"training images ({files['train_x']}) are {x['train'].shape[1:]}"
+        )
+    xtr = x["train"].reshape(len(x["train"]), -1) / 255.0
+    xte = x["test"].reshape(len(x["test"]), -1) / 255.0
+    h, w = x["train"].shape[1:]
+    return _make(name, xtr, y["train"], xte, y["test"], (1, h, w), 10)
 
 
 # --- CIFAR-10 (python pickle batches, restricted unpickler) ----------------------------
@@ -248,33 +361,74 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data (N, 3072) uint8, labels (N,) int64)`` of one batch, every field checked."""
     try:
-        batch = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except DatasetError:
-        raise
-    except Exception as exc:
-        raise DatasetError(f"{path}: not a readable CIFAR-10 batch ({exc})") from exc
-    data, labels = batch.get(b"data"), batch.get(b"labels")
-    if not isinstance(data, np.ndarray) or data.shape[1:] != (3072,) or labels is None:
-        raise DatasetError(f"{path}: unexpected CIFAR-10 batch contents")
-    return data, np.asarray(labels)
+        with path.open("rb") as f:
+            batch = _RestrictedUnpickler(f, encoding="bytes").load()
+    except DatasetError as exc:
+        raise DatasetError(f"{path}: {exc}") from exc
+    except Exception as exc:  # unpickling damaged bytes raises almost anything
+        raise DatasetError(
+            f"{path}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(batch, dict):
+        raise DatasetError(
+            f"{path}: not a CIFAR-10 batch: expected a dict with b'data' and b'labels', "
+            f"got {type(batch).__name__}"
+        )
+    missing = [repr(k) for k in (b"data", b"labels") if k not in batch]
+    if missing:
+        raise DatasetError(
+            f"{path}: not a CIFAR-10 batch: no {' or '.join(missing)} key "
+            f"(keys: {', '.join(sorted(map(repr, batch))[:8])})"
+        )
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[0] > 0
+        and data.shape[1] == 3072
+    ):
+        got = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise DatasetError(f"{path}: b'data' must be a uint8 array of shape (N>0, 3072), got {got}")
+    try:
+        y = np.asarray(labels) if isinstance(labels, list | np.ndarray) else None
+    except ValueError:  # ragged nested lists
+        y = None
+    if y is None or y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(data):
+        raise DatasetError(
+            f"{path}: b'labels' must be {len(data)} integers (one per image), got "
+            + (f"{y.dtype} array of shape {y.shape}" if y is not None else type(labels).__name__)
+        )
+    _check_labels(path, y, 10)
+    return data, y.astype(np.int64)
+
+
+_CIFAR_HOW_TO = (
+    "Pass --data-dir pointing at the extracted cifar-10-batches-py folder (python version). "
+    "normlab never downloads data."
+)
 
 
 def _cifar10(data_dir: Path | None) -> Dataset:
-    for d in _search_dirs("cifar10", data_dir) + [
-        p / "cifar-10-batches-py" for p in _search_dirs("cifar10", data_dir)
-    ]:
-        train = [d / f"data_batch_{i}" for i in range(1, 6)]
-        if all(p.is_file() for p in train) and (d / "test_batch").is_file():
-            parts = [_load_cifar_batch(p) for p in train]
-            xte, yte = _load_cifar_batch(d / "test_batch")
-            xtr = np.concatenate([p[0] for p in parts]) / 255.0
-            ytr = np.concatenate([p[1] for p in parts])
-            return _make("cifar10", xtr, ytr, xte / 255.0, yte, (3, 32, 32), 10)
-    raise DatasetError(
-        "cifar10: python batches (data_batch_1..5, test_batch) not found; pass --data-dir pointing at "
-        "the extracted cifar-10-batches-py folder. normlab never downloads data."
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    files = _find_files(
+        "cifar10",
+        data_dir,
+        {n: (n,) for n in names},
+        "python batches (data_batch_1..5, test_batch)",
+        _CIFAR_HOW_TO,
     )
+    parts = [_load_cifar_batch(files[n]) for n in names[:-1]]
+    xte, yte = _load_cifar_batch(files["test_batch"])
+    xtr = np.concatenate([p[0] for p in parts]) / 255.0
+    ytr = np.concatenate([p[1] for p in parts])
+    return _make("cifar10", xtr, ytr, xte / 255.0, yte, (3, 32, 32), 10)
 
 
 # --- public ---------------------------------------------------------------------
@@ -283,20 +437,62 @@ def _cifar10(data_dir: Path | None) -> Dataset:
 def load_dataset(
     name: str = "digits", *, data_dir: Path | str | None = None, subset: int | None = None
 ) -> Dataset:
-    """Load ``name`` (one of :data:`DATASETS`); ``subset=k`` keeps a fixed stratified ``k``-sample training set."""
+    """Load one of :data:`DATASETS`, every file validated.
+
+    Parameters
+    ----------
+    name : str
+        ``digits`` and ``synthetic`` are built in; ``fashion-mnist``, ``mnist`` (IDX files) and
+        ``cifar10`` (python batches) are read from ``data_dir``, else ``$NORMLAB_DATA``, else the
+        system copy (``/usr/share/datasets``). An explicit folder is the only one looked at, and
+        all of a dataset's files come from one folder.
+    data_dir : Path or str, optional
+        The folder with the files (or a ``<name>/`` subfolder of it); only for the file datasets.
+    subset : int, optional
+        Keep a fixed stratified ``subset``-sample training set (the test set stays whole).
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DatasetError
+        A file is missing, damaged or inconsistent; the message names it.
+    ValueError
+        An unknown ``name``, or ``data_dir`` given for a built-in dataset.
+
+    Examples
+    --------
+    >>> ds = load_dataset("synthetic")
+    >>> ds.x_train.shape, ds.num_classes
+    (torch.Size([600, 20]), 4)
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if data_dir is not None and name not in FILE_DATASETS:
+        raise ValueError(
+            f"{name} is built in and reads no files; a data folder ({data_dir}) is only read for "
+            f"{', '.join(FILE_DATASETS)}"
+        )
     directory = Path(data_dir) if data_dir is not None else None
     if name == "digits":
         ds = _digits()
     elif name == "synthetic":
         ds = _synthetic()
-    elif name in ("fashion-mnist", "mnist"):
-        ds = _idx_dataset(name, directory)
     elif name == "cifar10":
         ds = _cifar10(directory)
     else:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        ds = _idx_dataset(name, directory)
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset must be a positive number of samples, got {subset}")
     if subset is not None and subset < len(ds.y_train):
-        idx = torch.from_numpy(_stratified_subset(ds.y_train.numpy(), subset))
+        try:
+            idx = torch.from_numpy(_stratified_subset(ds.y_train.numpy(), subset))
+        except ValueError as exc:  # e.g. a class with a single sample
+            raise DatasetError(
+                f"{name}: cannot draw a stratified {subset}-sample training subset ({exc})"
+            ) from exc
         ds = Dataset(
             ds.name,
             ds.x_train[idx],

@@ -9,27 +9,40 @@ r"""Batch Renormalization (Ioffe 2017): batch statistics corrected toward the ru
 with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}`, :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`,
 the running :math:`\mu, \sigma` taken *before* this step's update, and :math:`r, d` treated as
 constants (no gradient). With ``r_max = 1, d_max = 0`` it is BatchNorm; in eval it is BatchNorm
-with running statistics. Only where the statistics come from differs: the normalization itself is
-:func:`normlab.functional.batch_norm_train` with its closed-form backward.
+with running statistics. Only where the affine map's constants come from differs: the training
+path is batch norm's, with ``γ·r`` and ``β + γ·d`` (:func:`normlab.functional.renorm_correction`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
-from ..functional import NonFinite, batch_norm_train, channel_view
-from ..functional._backend import fused_for_layer
-from ._batchnorm import NormBase, SingleSample
+from ..functional import Ramp
+from ..functional._checks import check_finite
+from ._base import NormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Limit"]
 
-Limit = float | Callable[[int], float]
+Limit = float | Ramp | Callable[[int], float]
+
+
+def _check_limit(value: Any, name: str, minimum: float) -> Limit:
+    if isinstance(value, Ramp):
+        for field in ("start", "end"):
+            check_finite(getattr(value, field), f"{name}.{field}", minimum=minimum)
+        return value
+    if callable(value):
+        return value  # checked when evaluated, at each step
+    return check_finite(value, name, minimum=minimum)
 
 
 class _BatchRenorm(NormBase):
+    kind = "renorm"
+    OPTIONS: ClassVar[dict[str, Any]] = {**NormBase.OPTIONS, "r_max": 3.0, "d_max": 5.0}
+
     def __init__(
         self,
         num_features: int,
@@ -42,116 +55,72 @@ class _BatchRenorm(NormBase):
         *,
         r_max: Limit = 3.0,
         d_max: Limit = 5.0,
-        nonfinite: NonFinite = "skip",
-        single_sample: SingleSample = "raise",
-        backend: str = "auto",
+        **options: Any,
     ) -> None:
-        if not track_running_stats:
+        if track_running_stats is not True:
             raise ValueError(
                 "Batch Renormalization corrects toward running statistics: track_running_stats must be True"
             )
+        self.r_max = _check_limit(r_max, "r_max", 1.0)
+        self.d_max = _check_limit(d_max, "d_max", 0.0)
         super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            nonfinite=nonfinite,
-            single_sample=single_sample,
-            backend=backend,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
         )
-        self.r_max, self.d_max = r_max, d_max
 
     @staticmethod
-    def paper_schedule() -> tuple[Callable[[int], float], Callable[[int], float]]:
-        """Ioffe 2017's schedule as ``(r_max, d_max)`` callables of ``num_batches_tracked``:
-        plain BN (1, 0) for the first 5k steps, then linear to ``r_max = 3`` at 40k and
-        ``d_max = 5`` at 25k steps."""
-
-        def ramp(end_value: float, end_step: int, start_value: float) -> Callable[[int], float]:
-            def value(step: int) -> float:
-                if step < 5000:
-                    return start_value
-                t = min(1.0, (step - 5000) / (end_step - 5000))
-                return start_value + t * (end_value - start_value)
-
-            return value
-
-        return ramp(3.0, 40_000, 1.0), ramp(5.0, 25_000, 0.0)
+    def paper_schedule() -> tuple[Ramp, Ramp]:
+        """Ioffe 2017's schedule as ``(r_max, d_max)`` of ``num_batches_tracked``: plain BN
+        (1, 0) for the first 5k steps, then linear to ``r_max = 3`` at 40k and ``d_max = 5`` at
+        25k steps. :class:`~normlab.functional.Ramp` values: they pickle and trace."""
+        return Ramp(1.0, 3.0, 5000, 40_000), Ramp(0.0, 5.0, 5000, 25_000)
 
     def limits(self) -> tuple[float, float]:
         """The current ``(r_max, d_max)`` (schedules evaluated at ``num_batches_tracked``)."""
         step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
-        r_max = self.r_max(step) if callable(self.r_max) else float(self.r_max)
-        d_max = self.d_max(step) if callable(self.d_max) else float(self.d_max)
-        if r_max < 1.0 or d_max < 0.0:
-            raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        r_max = float(self.r_max(step)) if callable(self.r_max) else float(self.r_max)
+        d_max = float(self.d_max(step)) if callable(self.d_max) else float(self.d_max)
         return r_max, d_max
 
-    def extra_repr(self) -> str:
-        r = "schedule" if callable(self.r_max) else self.r_max
-        d = "schedule" if callable(self.d_max) else self.d_max
-        return super().extra_repr() + f", r_max={r}, d_max={d}"
-
-    def _correction(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """``(mean_B, var_B) -> (r, d)`` from the running statistics *before* this step's update."""
-        assert self.running_mean is not None and self.running_var is not None
-        r_max, d_max = self.limits()
-        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
-
-        def correction(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.no_grad():  # r and d carry no gradient (Ioffe 2017, Alg. 1)
-                sigma = torch.sqrt(running_var.to(mean.dtype) + self.eps)
-                r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / r_max, r_max)
-                d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
-            return r, d
-
-        return correction
-
-    def _train_forward(
-        self, x: Tensor, mask: Tensor | None, n: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        correction = self._correction()
-        if mask is None:  # one autograd node, plain batch-norm cost
-            backend = "fused" if fused_for_layer(self.backend, x) else self.backend
-            y, mean, var = batch_norm_train(
-                x, self.weight, self.bias, self.eps, backend=backend, correction=correction
-            )
-            return y, mean, var * (n / (n - 1))
-        # masked: x̂ from the masked kernel, then the corrected affine by autograd
-        xhat, mean, var = batch_norm_train(x, None, None, self.eps, mask=mask, backend=self.backend)
-        r, d = correction(mean, var)
-        scale, shift = (
-            (r, d) if self.weight is None else (self.weight * r, self.weight * d + self.bias)
-        )
-        y = xhat * channel_view(scale.to(xhat.dtype), x.dim()) + channel_view(
-            shift.to(xhat.dtype), x.dim()
-        )
-        return y, mean, var * (n / (n - 1))
+    def _variant_spec(self) -> dict[str, Any]:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            for name, value in (("r_max", self.r_max), ("d_max", self.d_max)):
+                if callable(value) and not isinstance(value, Ramp):
+                    raise TypeError(
+                        f"{type(self).__name__}: a callable {name} cannot be traced by torch.fx; "
+                        "use normlab.functional.Ramp (or a number)"
+                    )
+        return {"renorm": (self.r_max, self.d_max)}
 
 
 class BatchRenorm1d(_BatchRenorm):
     """Batch Renormalization over ``(N, C)`` or ``(N, C, L)`` (``forward(x, mask)`` for padded sequences).
 
-    ``r_max``/``d_max``: floats or callables of ``num_batches_tracked``
-    (:meth:`paper_schedule`). Other arguments as :class:`normlab.nn.BatchNorm1d`.
+    ``r_max``/``d_max``: numbers, :class:`~normlab.functional.Ramp` schedules of
+    ``num_batches_tracked`` (:meth:`paper_schedule`) or callables of it. Other arguments as
+    :class:`normlab.nn.BatchNorm1d`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> r_max, d_max = normlab.nn.BatchRenorm1d.paper_schedule()
+    >>> layer = normlab.nn.BatchRenorm1d(4, r_max=r_max, d_max=d_max)
+    >>> layer(torch.randn(8, 4)).shape, layer.limits()
+    (torch.Size([8, 4]), (1.0, 0.0))
     """
 
     _NDIM = (2, 3)
-    _NDIM_TEXT = "2D or 3D"
+    spatial = 1
 
 
 class BatchRenorm2d(_BatchRenorm):
     """Batch Renormalization over ``(N, C, H, W)``; see :class:`BatchRenorm1d`."""
 
     _NDIM = (4,)
-    _NDIM_TEXT = "4D"
+    spatial = 2
 
 
 class BatchRenorm3d(_BatchRenorm):
     """Batch Renormalization over ``(N, C, D, H, W)``; see :class:`BatchRenorm1d`."""
 
     _NDIM = (5,)
-    _NDIM_TEXT = "5D"
+    spatial = 3

@@ -2,84 +2,65 @@ r"""``SyncBatchNorm``: batch statistics over every process of a ``torch.distribu
 
 Forward — one collective: each rank all-gathers its per-channel ``(count, mean, M2)``
 (``M2 = count · biased var``), and every rank merges them with Chan's formula
-(:func:`normlab.functional.merge_stats`) — never the sum/sum-of-squares form, which
-cancels catastrophically. Backward — one collective: an all-reduce of
-``(Σ dy, Σ dy·x̂)``, then the closed form
+(:func:`normlab.functional.merge_stats`) — never the sum/sum-of-squares form, which cancels
+catastrophically. Backward — one collective: an all-reduce of ``(Σ g, Σ g·x̂)``, then the
+closed form
 
-.. math:: dx = \frac{\gamma}{\sigma}\Big(dy - \frac{\Sigma dy}{N} - \hat x\,\frac{\Sigma dy\,\hat x}{N}\Big)
+.. math:: dx = \frac{\gamma}{\sigma}\Big(g - \frac{\Sigma g}{N} - \hat x\,\frac{\Sigma g\,\hat x}{N}\Big)
 
-with ``N`` the global count. ``γ``/``β`` gradients stay per-rank local sums, as in
-``torch.nn.SyncBatchNorm`` (``DistributedDataParallel`` then averages them). A rank with
-no samples still joins both collectives (with count 0), so nobody waits forever and the
-statistics are not biased. Outside a process group, or with one process, it is BatchNorm.
+with ``N`` the global count (the training path's ``reducer``). ``γ``/``β`` gradients stay
+per-rank local sums, as in ``torch.nn.SyncBatchNorm`` (``DistributedDataParallel`` then
+averages them). A rank with no samples still joins both collectives (with count 0), so nobody
+waits forever and the statistics are not biased. Before the first synchronized batch the
+ranks compare their input layouts (channels, dtype, rank) in one small collective and all
+raise, naming every rank's layout, if they differ — instead of aborting inside the backend.
+Outside a process group, with one process, or in eval it is plain batch norm.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import NonFinite, batch_norm_stats, merge_stats, normalize, reduce_dims
-from ._batchnorm import NormBase, SingleSample
+from ..functional import batch_norm_stats, merge_stats
+from ._base import ActivationOptions, NormBase, describe, layer_class
+from ._convert import build_like, replace_batchnorms, transfer_state
 
 __all__ = ["SyncBatchNorm"]
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-class _SyncBatchNormTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        mean, var, count = batch_norm_stats(x)  # local (C,) each; count 0 on an empty rank
-        local = torch.stack([count, mean, var * count])  # (3, C): count, mean, M2
-        world = dist.get_world_size(group)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local.contiguous(), group=group)
-        g_mean, g_var, g_count = gathered[0][1], _var(gathered[0]), gathered[0][0]
-        for part in gathered[1:]:
+
+class _GroupReducer:
+    """The cross-process reduction of SyncBN over ``group`` (see the module doc)."""
+
+    def __init__(self, group: Any, owner: str) -> None:
+        self.group, self.owner = group, owner
+
+    def stats(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var, count = batch_norm_stats(x, mask=mask)  # local (C,) each; count 0 if empty
+        local = torch.stack([count, mean, var * count]).contiguous()  # (3, C): count, mean, M2
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local, group=self.group)
+        g_mean, g_var, g_count = parts[0][1], _var(parts[0]), parts[0][0]
+        for part in parts[1:]:
             g_mean, g_var, g_count = merge_stats(
                 g_mean, g_var, g_count, part[1], _var(part), part[0]
             )
-        invstd = torch.rsqrt(g_var + eps)
-        y = normalize(x, g_mean, invstd, weight, bias)
-        ctx.save_for_backward(x, weight, g_mean, invstd, g_count)
-        ctx.group = group
-        ctx.mark_non_differentiable(g_mean, g_var, g_count)
-        return y, g_mean, g_var, g_count
+        total = int(g_count.max()) if g_count.numel() else 0
+        if total <= 1:  # every rank sees the same global count, so every rank raises
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {total} across all "
+                f"processes ({self.owner})"
+            )
+        return g_mean, g_var, g_count
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd, count = ctx.saved_tensors
-        ndim, acc = x.dim(), mean.dtype
-        view = [1, -1] + [1] * (ndim - 2)
-        dims = reduce_dims(ndim, 1)
-        xhat = (x.to(acc) - mean.view(view)) * invstd.view(view)
-        dy_a = dy.to(acc)
-        local = torch.stack([dy_a.sum(dims), (dy_a * xhat).sum(dims)])  # (2, C)
-        total = local.clone()
-        dist.all_reduce(total, group=ctx.group)
-        n = count.clamp(min=1)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            dx = (
-                scale.view(view)
-                * (dy_a - (total[0] / n).view(view) - xhat * (total[1] / n).view(view))
-            ).to(dy.dtype)
-        dweight = (
-            local[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        )
-        dbias = (
-            local[0].to(weight.dtype if weight is not None else acc)
-            if ctx.needs_input_grad[2]
-            else None
-        )
-        return dx, dweight, dbias, None, None
+    def sums(self, sums: Tensor) -> Tensor:
+        dist.all_reduce(sums, group=self.group)
+        return sums
 
 
 def _var(part: Tensor) -> Tensor:
@@ -87,15 +68,27 @@ def _var(part: Tensor) -> Tensor:
     return part[2] / part[0].clamp(min=1)
 
 
-class SyncBatchNorm(NormBase):
+class SyncBatchNorm(ActivationOptions, NormBase):
     """BatchNorm whose training statistics span every process of ``process_group`` (default: the world).
 
-    Same constructor as :class:`normlab.nn.BatchNorm2d` plus ``process_group``; accepts
+    Same constructor as :class:`torch.nn.SyncBatchNorm` plus normlab's options and an optional
+    ``activation`` (what ``convert_sync_batchnorm`` gives a ``BatchNormAct``); takes
     ``(N, C, *)`` input of any rank ≥ 2. Eval mode and single-process use are plain BatchNorm.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), normlab.nn.BatchNormAct2d(8))
+    >>> model = normlab.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    >>> model[1]
+    SyncBatchNorm(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True, activation='leaky_relu')
+    >>> type(normlab.nn.SyncBatchNorm.revert_sync_batchnorm(model)[1]).__name__
+    'BatchNormAct2d'
     """
 
-    _NDIM = (2, 3, 4, 5)
-    _NDIM_TEXT = "at least 2D"
+    kind = "sync"
+    spatial = None
+    OPTIONS: ClassVar[dict[str, Any]] = {**NormBase.OPTIONS, **ActivationOptions.ACTIVATION_OPTIONS}
 
     def __init__(
         self,
@@ -108,23 +101,21 @@ class SyncBatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        nonfinite: NonFinite = "skip",
-        single_sample: SingleSample = "raise",
-        backend: str = "auto",
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        **options: Any,
     ) -> None:
+        self._set_activation(activation, negative_slope, alpha)
         super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            nonfinite=nonfinite,
-            single_sample=single_sample,
-            backend=backend,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
         )
         self.process_group = process_group
+        self._layout_checked = False
+        self._source_spatial: int | None = None  # the rank of the layer it replaced, if any
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "process_group": self.process_group}
 
     def _distributed(self) -> bool:
         return (
@@ -133,47 +124,106 @@ class SyncBatchNorm(NormBase):
             and dist.get_world_size(self.process_group) > 1
         )
 
-    def _forward_channels_first(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if not self._distributed() or (not self.training and self.running_mean is not None):
-            return super()._forward_channels_first(x, mask)
-        if mask is not None:
-            raise ValueError("SyncBatchNorm does not support mask")
-        group = self.process_group or dist.group.WORLD
-        y, mean, var, count = _SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group)
-        total = int(count[0]) if count.numel() else 0
-        if total <= 1:  # every rank sees the same global count, so every rank raises
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {total} across all processes"
+    def _variant_spec(self) -> dict[str, Any]:
+        act = self.act
+        spec: dict[str, Any] = {"act": act, "save_output": act is not None}
+        if (
+            self.training
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            and self._distributed()
+        ):
+            spec["reducer"] = _GroupReducer(
+                self.process_group or dist.group.WORLD,
+                f"{type(self).__name__}({self.num_features})",
             )
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var * (total / (total - 1)))
-        return y
+        return spec
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.training and not self._layout_checked and self._distributed():
+            self._check_layout(input)
+        return super().forward(input, mask)
+
+    def _check_layout(self, input: Tensor) -> None:
+        """One small all-gather of ``(channels, dtype, rank)``: every rank raises, naming every
+        rank's layout, when they differ (a mismatch would abort inside the collective)."""
+        group = self.process_group or dist.group.WORLD
+        axis = self.channel_axis if isinstance(input, Tensor) and input.dim() > 2 else 1
+        ok = isinstance(input, Tensor) and input.dim() >= 2 and input.dtype in _DTYPES
+        local = torch.tensor(
+            [input.shape[axis], _DTYPES.index(input.dtype), input.dim()] if ok else [-1, -1, -1],
+            dtype=torch.long,
+            device=input.device if isinstance(input, Tensor) else "cpu",
+        )
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        layouts = [tuple(int(v) for v in p) for p in parts]
+        if len(set(layouts)) > 1 or layouts[0][0] != self.num_features:
+            described = "; ".join(
+                f"rank {r}: "
+                + (
+                    f"{c} channels, {_DTYPES[d]}, {n}D"
+                    if c >= 0
+                    else "not a floating-point (N, C, *) tensor"
+                )
+                for r, (c, d, n) in enumerate(layouts)
+            )
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}): the processes' inputs differ or do "
+                f"not match the layer ({described}); every rank must feed the same number of "
+                "channels and the same dtype"
+            )
+        self._layout_checked = True
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Replace every BatchNorm (torch's, normlab's, ``torch.nn.SyncBatchNorm``) by a
-        ``normlab.nn.SyncBatchNorm`` with the same parameters and buffers; returns the module
-        (a new one when ``module`` itself is a BatchNorm)."""
-        if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            sync = cls(
-                module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
-                process_group,
-            )
-            if module.affine:
-                with torch.no_grad():
-                    sync.weight = module.weight
-                    sync.bias = module.bias
-            sync.running_mean = module.running_mean
-            sync.running_var = module.running_var
-            sync.num_batches_tracked = module.num_batches_tracked
-            sync.train(module.training)
+        """Replace every batch norm of ``module`` (torch's, normlab's ``BatchNorm*`` and
+        ``BatchNormAct*``, ``torch.nn.SyncBatchNorm``) by a ``normlab.nn.SyncBatchNorm`` that
+        keeps its settings, its activation and the *same* parameters and buffers (an optimizer
+        built before keeps working). Batch Renorm and Ghost BN have no synchronized form and
+        raise; frozen layers are left alone. Returns ``module`` (a new layer when ``module``
+        itself is a batch norm)."""
+
+        def convert(bn: nn.Module, path: str) -> nn.Module | None:
+            if isinstance(bn, cls):
+                return None
+            kind = describe(bn).kind
+            if kind == "frozen":
+                return None
+            if kind in ("renorm", "ghost"):
+                raise ValueError(
+                    f"cannot convert {path} ({type(bn).__name__}) to SyncBatchNorm: "
+                    f"{'Batch Renorm' if kind == 'renorm' else 'Ghost BN'} has no synchronized "
+                    "form; convert the model's other layers one by one, or replace it first"
+                )
+            sync = build_like(bn, cls, path=path, overrides={"process_group": process_group})
+            transfer_state(bn, sync, path=path, share=True)
+            assert isinstance(sync, SyncBatchNorm)
+            sync._source_spatial = describe(bn).spatial
             return sync
-        for name, child in module.named_children():
-            new = cls.convert_sync_batchnorm(child, process_group)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+
+        return replace_batchnorms(module, convert)
+
+    @classmethod
+    def revert_sync_batchnorm(cls, module: nn.Module, spatial: int | None = None) -> nn.Module:
+        """The inverse of :meth:`convert_sync_batchnorm`: every ``SyncBatchNorm`` becomes the
+        single-process layer of its kind — ``BatchNorm1d/2d/3d``, or ``BatchNormAct*`` when it
+        has an activation — keeping every option and the same parameters and buffers (for
+        inference and export). The rank comes from the layer it once replaced, else from
+        ``spatial`` (1, 2 or 3); without either it raises."""
+
+        def revert(bn: nn.Module, path: str) -> nn.Module | None:
+            if not isinstance(bn, cls):
+                return None
+            rank = bn._source_spatial or spatial
+            if rank is None:
+                raise ValueError(
+                    f"revert_sync_batchnorm: {path} was not made by convert_sync_batchnorm, so "
+                    "its input rank is unknown; pass spatial=1, 2 or 3"
+                )
+            kind = "batchnorm" if bn.activation is None else "bnact"
+            target = layer_class(kind, rank)
+            single = build_like(bn, target, path=path)
+            transfer_state(bn, single, path=path, share=True)
+            return single
+
+        return replace_batchnorms(module, revert)

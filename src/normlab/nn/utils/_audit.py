@@ -12,9 +12,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..._table import render_table
 from ._common import CONV_TYPES, bn_channel_axis, bn_eps, has_running_stats, is_batchnorm
 from ._fold import NormLeafTracer
-from ._table import render_table
 
 __all__ = ["AuditReport", "Finding", "audit_batchnorm"]
 

@@ -27,6 +27,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..._norms import NormLeafTracer
+from ..._table import render_table
 from ._common import (
     CONV_TYPES,
     bn_affine,
@@ -35,7 +37,6 @@ from ._common import (
     has_running_stats,
     is_batchnorm,
 )
-from ._table import render_table
 
 __all__ = ["FoldReport", "NormLeafTracer", "fold_batchnorm", "fold_conv_bn_weights"]
 
@@ -135,13 +136,6 @@ class FoldReport:
         if self.trace_error is not None:
             title += f"\nfx tracing failed: {self.trace_error}"
         return render_table(title, ["BatchNorm", "result", "detail"], rows)
-
-
-class NormLeafTracer(fx.Tracer):
-    """``torch.fx`` tracer that keeps every BatchNorm (torch's, normlab's, Frozen) as one leaf call."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _stock_base(layer: nn.Module) -> type[nn.Module] | None:

@@ -38,11 +38,8 @@ class KerasBatchNorm(BatchNorm1d):
     """``BatchNorm1d`` over the last axis with Keras' update: the *biased* batch variance
     goes into the moving variance (torch uses the unbiased one)."""
 
-    def _train_forward(
-        self, x: Tensor, mask: Tensor | None, n: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var_unbiased = super()._train_forward(x, mask, n)
-        return y, mean, var_unbiased * ((n - 1) / n)
+    def _variant_spec(self) -> dict[str, Any]:
+        return {"unbiased_running_var": False}
 
 
 def _tensor(a: Any) -> Tensor:

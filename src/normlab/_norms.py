@@ -1,0 +1,78 @@
+"""What counts as a normalization layer, and the ``torch.fx`` leaf rule — defined once, here.
+
+Models arrive with torch's ``BatchNorm*``, normlab's layers (subclasses of
+``torch.nn.modules.batchnorm._BatchNorm``), or a ``FrozenBatchNorm*`` in the style of
+detectron2/torchvision (buffers ``weight``, ``bias``, ``running_mean``, ``running_var``
+and a float ``eps``; not a ``_BatchNorm``). Every part of normlab that asks "is this a
+batch norm?" — model tools, initialization, diagnostics, the lab — asks this module.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = [
+    "NormLeafTracer",
+    "has_running_stats",
+    "is_batchnorm",
+    "is_frozen_batchnorm",
+    "is_norm_layer",
+]
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether the module holds tensor ``running_mean`` and ``running_var`` buffers."""
+    return isinstance(getattr(module, "running_mean", None), Tensor) and isinstance(
+        getattr(module, "running_var", None), Tensor
+    )
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A ``FrozenBatchNorm*`` (detectron2/torchvision/normlab style): an affine map from buffers."""
+    return type(module).__name__.startswith("FrozenBatchNorm") and has_running_stats(module)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for every batch-norm layer: torch's, normlab's (every variant) and ``FrozenBatchNorm*``.
+
+    Instance norm is excluded even though it may carry running statistics: it normalizes
+    per sample, not per batch. Other modules are recognised by duck typing: a class name
+    containing ``BatchNorm`` with tensor ``running_mean`` and ``running_var`` and an ``eps``.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> is_batchnorm(torch.nn.BatchNorm2d(4)), is_batchnorm(normlab.nn.GhostBatchNorm1d(4))
+    (True, True)
+    >>> is_batchnorm(torch.nn.InstanceNorm2d(4, track_running_stats=True))
+    False
+    """
+    if isinstance(module, _InstanceNorm):
+        return False
+    if isinstance(module, _BatchNorm):
+        return True
+    return (
+        "BatchNorm" in type(module).__name__
+        and has_running_stats(module)
+        and hasattr(module, "eps")
+    )
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A batch norm (see :func:`is_batchnorm`), ``LayerNorm``, ``GroupNorm`` or instance norm."""
+    return is_batchnorm(module) or isinstance(
+        module, nn.LayerNorm | nn.GroupNorm | _InstanceNorm | nn.RMSNorm
+    )
+
+
+class NormLeafTracer(fx.Tracer):
+    """A ``torch.fx`` tracer that records every normalization layer as one ``call_module`` node.
+
+    torch's own tracer does this for ``torch.nn`` layers only; normlab's layers trace by
+    themselves too (as one ``call_function``), but model tools need to see the module.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_norm_layer(m) or super().is_leaf_module(m, module_qualified_name)
