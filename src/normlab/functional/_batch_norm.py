@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import NativeKernel
 from ._activation import Activation
 from ._backend import resolve_kernel
 from ._checks import (
@@ -425,8 +426,6 @@ def _aten_train(
     updates copies, committed per channel (a buffer must not change in place after autograd
     saved it).
     """
-    from ..kernels import NativeKernel
-
     policy = spec.nonfinite
     if policy == "propagate" or (policy == "skip" and _on_host(running_mean)):
         y, mean, invstd, restored = NativeKernel.train_and_update(
@@ -457,19 +456,20 @@ def _eval(
     spec: LayerSpec,
 ) -> Tensor:
     """Normalize with the running statistics; masked positions output ``f(bias)`` as in training."""
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+    if mask is not None:
+        check_mask(x, mask)
+    records = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
-    kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None)
-    if records and not kernel.differentiable and kernel.name != "reference":
-        kernel = resolve_kernel("native", x)  # the same affine map, with ATen's autograd
+    kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None, differentiable=records)
     act = spec.act
     fused = act if act is not None and act.name in kernel.activations else None
     y = kernel.forward_eval(x, running_mean, running_var, weight, bias, spec.eps, fused)
     if act is not None and fused is None:
         y = act.forward(y)
     if mask is not None:
-        check_mask(x, mask)
         fill = bias if bias is not None else x.new_zeros(x.shape[1])
         fill = fill.to(y.dtype) if act is None else act.forward(fill.to(y.dtype))
         y = torch.where(mask.unsqueeze(1), y, channel_view(fill, x.dim()))

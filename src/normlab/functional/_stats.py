@@ -1,7 +1,9 @@
 """Per-channel batch statistics and their exact merge: the one place statistics are computed.
 
-Everything that needs a mean and a variance — BatchNorm, SyncBN, Ghost BN, the
-Standardizer — goes through :func:`batch_norm_stats` and :func:`merge_stats`.
+Everything in torch that needs a mean and a variance — BatchNorm's reference kernel,
+SyncBN, masked batches, the Standardizer on accelerators — goes through
+:func:`batch_norm_stats` and :func:`merge_stats`. (The Standardizer's CPU path keeps its
+statistics in single-threaded numpy, for a measured reason written in its module.)
 
 Conventions (the numerics contract of ``DESIGN.md``):
 

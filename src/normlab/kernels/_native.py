@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -91,12 +92,12 @@ class NativeKernel:
         tensor op on the common path. Needs the compiled glue op; without it the buffers are
         backed up and restored here.
         """
-        ops = load_fused() if skip else None
-        if ops is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
-            y, mean, invstd, restored = ops.aten_train_update(
+        guarded = _guarded_op() if skip else None
+        if guarded is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
+            y, mean, invstd, restored = guarded(
                 x, weight, bias, running_mean, running_var, momentum, eps, True
             )
-            return y, mean, invstd, int(restored)
+            return y, mean, invstd, restored
         if skip:
             old_mean, old_var = running_mean.clone(), running_var.clone()
         y, mean, invstd = torch.ops.aten.native_batch_norm(
@@ -171,7 +172,7 @@ class NativeKernel:
     ) -> Tensor:
         """Normalize with given statistics through ``torch.batch_norm`` (differentiable, exportable)."""
         assert act is None, "composed by normlab.functional"
-        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True)
 
     @staticmethod
     def invert(
@@ -184,6 +185,13 @@ class NativeKernel:
     ) -> Tensor | None:
         """ATen has no inverse: the reference's serves."""
         return None
+
+
+@functools.cache
+def _guarded_op() -> Any:
+    """``torch.ops.normlab_fused.aten_train_update.default`` when the kernels are built, else None."""
+    ops = load_fused()
+    return None if ops is None else ops.aten_train_update.default
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

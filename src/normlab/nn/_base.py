@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._norms import has_running_stats, is_batchnorm
@@ -202,7 +203,11 @@ class NormBase(_BatchNorm):
     def _spec(self) -> LayerSpec:
         """The settings as constants (cached); variants add fields in :meth:`_variant_spec`."""
         spec: LayerSpec | None = self.__dict__.get("_spec_cache")
-        if spec is None or spec.training is not self.training or _fx_tracing():
+        if (
+            spec is None
+            or spec.training is not self.training
+            or _symbolic_trace._is_fx_tracing_flag
+        ):
             spec = self._build_spec()
             if type(self)._CACHE_SPEC:
                 self.__dict__["_spec_cache"] = spec
@@ -229,7 +234,7 @@ class NormBase(_BatchNorm):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
         marks valid positions: statistics use only those, the others output β."""
-        if not self._buffers_checked and not _fx_tracing():
+        if not self._buffers_checked and not _fx_tracing():  # once
             self._buffers_checked = True
             self._report_nonfinite_buffers("in use")
         use_buffers = not self.training or self.track_running_stats
@@ -357,7 +362,8 @@ _SPEC_ATTRIBUTES = frozenset(
 
 
 def _fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    # the flag itself: is_fx_symbolic_tracing() adds two calls to every forward
+    return torch.fx._symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling()
 
 
 def _concrete(t: Tensor | None) -> bool:
