@@ -79,37 +79,45 @@ class NativeKernel:
         bias: Tensor | None,
         running_mean: Tensor,
         running_var: Tensor,
-        momentum: float,
+        num_batches_tracked: Tensor | None,
+        momentum: float | None,
         eps: float,
         *,
         skip: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """One ATen call normalizes ``x`` and moves the given running buffers in place (torch's
-        update): ``(y, mean, invstd, restored)``. The hot path of plain batch norm.
+        update, ``momentum=None``: the cumulative average), counting the batch in
+        ``num_batches_tracked``: ``(y, mean, invstd, restored)``. The hot path of plain batch norm.
 
-        ``skip`` (CPU): channels whose batch statistics are not finite get their previous
-        running statistics back, inside the same C++ call (``restored`` of them) — no extra
-        tensor op on the common path. Needs the compiled glue op; without it the buffers are
-        backed up and restored here.
+        ``skip``: channels whose batch statistics are not finite get their previous running
+        statistics back (``restored`` of them; the batch counts when any channel moved). On CPU
+        with the compiled kernels all of it is one C++ call (``aten_train``: no extra tensor
+        op); elsewhere the buffers are backed up and restored here.
         """
-        guarded = _guarded_op() if skip else None
-        if guarded is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
-            y, mean, invstd, restored = guarded(
-                x, weight, bias, running_mean, running_var, momentum, eps, True
-            )
-            return y, mean, invstd, restored
+        aten_train = _aten_train()
+        if aten_train is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
+            result: tuple[Tensor, Tensor, Tensor, int] = aten_train(
+                x, weight, bias, running_mean, running_var, num_batches_tracked,
+                -1.0 if momentum is None else momentum, eps, skip,
+            )  # fmt: skip
+            return result
+        if momentum is None:
+            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
+            momentum = 1.0 / float(num_batches_tracked + 1)
         if skip:
             old_mean, old_var = running_mean.clone(), running_var.clone()
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
+        y, mean, invstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        if not skip:
-            return y, mean, invstd, 0
-        ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
-        restored = int((~ok).sum())
-        if restored:  # .data: a raw write, as in the C++ op (the training backward ignores it)
-            running_mean.data.copy_(torch.where(ok, running_mean, old_mean))
-            running_var.data.copy_(torch.where(ok, running_var, old_var))
+        restored = 0
+        if skip:
+            ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
+            restored = int((~ok).sum())
+            if restored:  # .data: a raw write, as in C++ (the training backward never reads it)
+                running_mean.data.copy_(torch.where(ok, running_mean, old_mean))
+                running_var.data.copy_(torch.where(ok, running_var, old_var))
+        if num_batches_tracked is not None and restored < x.shape[1]:
+            num_batches_tracked.add_(1)
         return y, mean, invstd, restored
 
     @staticmethod
@@ -188,10 +196,10 @@ class NativeKernel:
 
 
 @functools.cache
-def _guarded_op() -> Any:
-    """``torch.ops.normlab_fused.aten_train_update.default`` when the kernels are built, else None."""
-    ops = load_fused()
-    return None if ops is None else ops.aten_train_update.default
+def _aten_train() -> Any:
+    """The compiled ``aten_train`` (a pybind function) when the kernels are built, else None."""
+    fused = load_fused()
+    return None if fused is None else fused.module.aten_train
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

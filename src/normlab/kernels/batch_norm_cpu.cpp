@@ -32,6 +32,7 @@
 #include <ATen/ops/native_batch_norm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with the at::Tensor caster (lighter than torch/extension.h)
 #include <torch/library.h>
 
 #include <array>
@@ -995,13 +996,14 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
 }
 
 // ====================== ATen's training batch norm, guarding the running statistics ======================
-// Plain batch norm on small inputs, where fixed costs rule: one call from Python. ATen's
-// native_batch_norm (its kernels, its autograd: this op is CompositeImplicitAutograd) normalizes
-// and moves the running buffers in place, exactly as torch does. With `skip`, a channel whose
-// batch statistics are not finite (mean NaN/Inf, invstd NaN or 0 for var = Inf) gets its
-// previous running statistics back. The restore is a raw write that autograd does not see:
-// native_batch_norm's training backward never reads the running buffers. Returns y, the batch
-// mean and invstd, and how many channels were restored.
+// Plain batch norm on small inputs, where fixed costs rule: one pybind call from Python (a
+// torch.ops call costs ~15 µs of boxing). ATen's native_batch_norm — its kernels, its autograd —
+// normalizes and moves the running buffers in place, exactly as torch does. With `skip`, a
+// channel whose batch statistics are not finite (mean NaN/Inf; invstd NaN, or 0 for var = Inf)
+// gets its previous running statistics back. The restore, like the counter's increment, is a
+// raw write that autograd does not see: native_batch_norm's training backward never reads the
+// running buffers. momentum < 0 is the cumulative average 1/(num_batches_tracked + 1).
+// Returns y, the batch mean and invstd, and how many channels were restored.
 template <typename R>
 void backup(const Tensor& t, std::vector<double>& out) {
   const R* p = t.data_ptr<R>();
@@ -1016,11 +1018,11 @@ void restore(Tensor& t, const std::vector<double>& from, const std::vector<bool>
     if (bad[c]) p[c] = static_cast<R>(from[c]);
 }
 
-std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train_update(const Tensor& input, const std::optional<Tensor>& weight,
-                                                              const std::optional<Tensor>& bias, Tensor running_mean,
-                                                              Tensor running_var, double momentum, double eps,
-                                                              bool skip) {
-  check_input(input, "aten_train_update");
+std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias, Tensor running_mean,
+                                                       Tensor running_var, const std::optional<Tensor>& counter,
+                                                       double momentum, double eps, bool skip) {
+  check_input(input, "aten_train");
   const int64_t C = input.size(1);
   check_channels(running_mean, C, "running_mean");
   check_channels(running_var, C, "running_var");
@@ -1029,7 +1031,17 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train_update(const Tensor& inpu
   check_eps(eps);
   TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
                   running_mean.scalar_type() == running_var.scalar_type(),
-              "normlab aten_train_update: running buffers must be contiguous and of one dtype");
+              "normlab aten_train: running buffers must be contiguous and of one dtype");
+  int64_t* count = nullptr;
+  if (counter && counter->defined()) {
+    TORCH_CHECK(counter->device().is_cpu() && counter->scalar_type() == at::kLong && counter->numel() == 1,
+                "normlab aten_train: num_batches_tracked must be a CPU int64 scalar");
+    count = counter->data_ptr<int64_t>();
+  }
+  if (momentum < 0) {
+    TORCH_CHECK(count, "normlab aten_train: momentum=None needs num_batches_tracked");
+    momentum = 1.0 / static_cast<double>(*count + 1);
+  }
   std::vector<double> old_mean, old_var;
   if (skip) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_backup", [&] {
@@ -1056,15 +1068,13 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train_update(const Tensor& inpu
       });
     }
   }
+  if (count && restored < C) *count += 1;  // the batch counts when any channel moved
   return {y, mean, invstd, restored};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(normlab_fused, m) {
-  m.def(
-      "aten_train_update(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "float momentum, float eps, bool skip) -> (Tensor, Tensor, Tensor, int)");
   m.def(
       "forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope, int[]? chunks=None) -> (Tensor, "
       "Tensor, Tensor, Tensor)");
@@ -1077,12 +1087,15 @@ TORCH_LIBRARY(normlab_fused, m) {
         "float? slope) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(normlab_fused, CompositeImplicitAutograd, m) { m.impl("aten_train_update", &aten_train_update); }
-
 TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
   m.impl("forward_train", &forward_train);
   m.impl("backward_train", &backward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("stats", &stats);
   m.impl("invert_act", &invert_act);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normlab's fused CPU batch norm (ops in torch.ops.normlab_fused; hot entry points here)";
+  m.def("aten_train", &aten_train, "ATen's training batch norm with guarded running statistics");
 }
