@@ -195,8 +195,12 @@ def update_running_stats_(
 
 
 def _on_host(t: Tensor) -> bool:
-    """Decisions about ``t`` may be taken on the host (CPU, eager)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Decisions about ``t`` may be taken on the host (CPU, eager, outside ``torch.func``)."""
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
 
 
 def _commit(
@@ -213,6 +217,11 @@ def _commit(
         running_mean.copy_(torch.where(ok, new_mean, running_mean))
         running_var.copy_(torch.where(ok, new_var, running_var))
         return ok.any()
+    if torch._C._functorch.is_functorch_wrapped_tensor(ok):
+        raise RuntimeError(
+            f"{owner}: nonfinite={nonfinite!r} decides on the host, which torch.func transforms "
+            "(vmap) cannot; use nonfinite='skip' (decided per channel on the device) or 'propagate'"
+        )
     if bool(ok.all()):
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
@@ -348,7 +357,9 @@ def _forward(
     correction = None
     if spec.renorm is not None and has_running:
         assert running_mean is not None and running_var is not None
-        step = int(num_batches_tracked) if num_batches_tracked is not None else 0
+        # the step is read only for a schedule (inside torch.func.vmap a counter has no value)
+        scheduled = callable(spec.renorm[0]) or callable(spec.renorm[1])
+        step = int(num_batches_tracked) if scheduled and num_batches_tracked is not None else 0
         correction = renorm_correction(
             running_mean.clone(),  # the running statistics before this step's update
             running_var.clone(),

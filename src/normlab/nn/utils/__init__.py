@@ -9,6 +9,7 @@ from ._common import is_batchnorm
 from ._convert import convert_batchnorm
 from ._fold import FoldReport, NormLeafTracer, fold_batchnorm, fold_conv_bn_weights
 from ._freeze import FreezeMode, freeze_batchnorm, is_frozen, unfreeze_batchnorm
+from ._func import replace_all_batch_norm_modules_
 from ._momentum import KerasBatchNorm, batchnorm_from_keras, convert_momentum
 from ._recalibrate import recalibrate_batchnorm
 from ._surgery import add_batchnorm, remove_batchnorm
@@ -32,5 +33,6 @@ __all__ = [
     "is_frozen",
     "recalibrate_batchnorm",
     "remove_batchnorm",
+    "replace_all_batch_norm_modules_",
     "unfreeze_batchnorm",
 ]
