@@ -4,6 +4,7 @@ Every function works on models built with torch's ``BatchNorm*`` as well as
 normlab's (and ``FrozenBatchNorm*``): users bring their existing models.
 """
 
+from ._accumulate import accumulate_batchnorm
 from ._audit import AuditReport, Finding, audit_batchnorm
 from ._common import is_batchnorm
 from ._convert import convert_batchnorm
@@ -21,6 +22,7 @@ __all__ = [
     "FreezeMode",
     "KerasBatchNorm",
     "NormLeafTracer",
+    "accumulate_batchnorm",
     "add_batchnorm",
     "audit_batchnorm",
     "batchnorm_from_keras",
