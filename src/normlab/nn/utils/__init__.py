@@ -8,7 +8,13 @@ from ._accumulate import accumulate_batchnorm
 from ._audit import AuditReport, Finding, audit_batchnorm
 from ._common import is_batchnorm
 from ._convert import convert_batchnorm
-from ._fold import FoldReport, NormLeafTracer, fold_batchnorm, fold_conv_bn_weights
+from ._fold import (
+    FoldReport,
+    NormLeafTracer,
+    fold_batchnorm,
+    fold_bn_conv_weights,
+    fold_conv_bn_weights,
+)
 from ._freeze import FreezeMode, freeze_batchnorm, is_frozen, unfreeze_batchnorm
 from ._func import replace_all_batch_norm_modules_
 from ._momentum import KerasBatchNorm, batchnorm_from_keras, convert_momentum
@@ -29,6 +35,7 @@ __all__ = [
     "convert_batchnorm",
     "convert_momentum",
     "fold_batchnorm",
+    "fold_bn_conv_weights",
     "fold_conv_bn_weights",
     "freeze_batchnorm",
     "is_batchnorm",
