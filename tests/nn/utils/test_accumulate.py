@@ -285,3 +285,19 @@ def test_blocks_do_not_nest_and_need_a_module() -> None:
         accumulate_batchnorm("model"),  # type: ignore[arg-type]
     ):
         pass
+
+
+def test_single_sample_micro_batches_merge_like_the_whole_batch() -> None:
+    """single_sample='running': a one-sample micro-batch is normalized with the running
+    statistics, and its sample still counts in the step's one update (as in the whole batch)."""
+    layer = nlnn.BatchNorm1d(3, single_sample="running")
+    whole = copy.deepcopy(layer)
+    batches = _batches((3,), sizes=(1, 1, 4))
+    with accumulate_batchnorm(layer):
+        y = layer(batches[0])
+        torch.testing.assert_close(y, copy.deepcopy(whole).eval()(batches[0]))
+        for x in batches[1:]:
+            layer(x)
+    whole(torch.cat(batches))
+    for key in STATE:
+        torch.testing.assert_close(getattr(layer, key), getattr(whole, key), rtol=1e-6, atol=1e-7)
