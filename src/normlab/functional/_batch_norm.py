@@ -26,9 +26,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import NativeKernel
 from ._activation import Activation
 from ._backend import resolve_kernel
-from ._checks import check_channels, check_choice, check_eps, check_input, check_momentum
+from ._checks import (
+    check_channels,
+    check_choice,
+    check_eps,
+    check_input,
+    check_mask,
+    check_momentum,
+)
 from ._reference import channel_view
 from ._train import Correction, Plan, Reducer, train
 
@@ -109,19 +117,7 @@ def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: in
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         return n
-    expected = input.shape[:channel_axis] + input.shape[channel_axis + 1 :]
-    if (
-        not isinstance(mask, Tensor)
-        or mask.dtype != torch.bool
-        or tuple(mask.shape) != tuple(expected)
-    ):
-        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(
-            "mask must be a bool tensor with the input's shape without its channel axis, "
-            f"expected {tuple(expected)} (bool), got {got}"
-        )
-    if mask.device != input.device:
-        raise RuntimeError(f"mask is on {mask.device} but the input is on {input.device}")
+    check_mask(input, mask, channel_axis)
     n = int(mask.sum())
     if n <= 1:
         raise ValueError(
@@ -151,14 +147,6 @@ def _host_finite(t: Tensor) -> bool:
     if t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
         return bool(np.isfinite(t.numpy()).all())
     return bool(torch.isfinite(t).all())
-
-
-def _host_positive(t: Tensor) -> bool:
-    """All finite and > 0, answered on the host."""
-    if t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
-        a = t.numpy()
-        return bool(np.isfinite(a).all() and (a > 0).all())
-    return bool((torch.isfinite(t) & (t > 0)).all())
 
 
 def update_running_stats_(
@@ -234,13 +222,18 @@ def _commit(
         )
     running_mean.copy_(torch.where(ok, new_mean, running_mean))
     running_var.copy_(torch.where(ok, new_var, running_var))
-    warnings.warn(
-        f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {channels} in training; "
-        "those channels' running statistics were left unchanged for this batch (nonfinite='skip')",
-        RuntimeWarning,
-        stacklevel=5,
-    )
+    _warn_skipped(owner, ok)
     return bool(ok.any())
+
+
+def _warn_skipped(owner: str, ok: Tensor) -> None:
+    warnings.warn(
+        f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {_bad_channels(ok)} in "
+        "training; those channels' running statistics were left unchanged for this batch "
+        "(nonfinite='skip')",
+        RuntimeWarning,
+        stacklevel=6,
+    )
 
 
 def _lerp_(running: Tensor, batch: Tensor, factor: float) -> None:
@@ -349,7 +342,7 @@ def _forward(
                 num_batches_tracked.add_(1)
             return x.clone()
     elif mask is not None:
-        check_batch_size_shape(x, mask)
+        check_mask(x, mask)
     if mask is not None and spec.virtual_batch_size:
         raise ValueError(f"GhostBatchNorm does not support mask ({spec.name})")
     factor = _factor(spec.momentum, num_batches_tracked) if tracking else 0.0
@@ -438,32 +431,28 @@ def _aten_train(
 ) -> Tensor:
     """Plain batch norm on ATen: one call normalizes and moves the running statistics.
 
-    Under ``"propagate"`` ATen updates the buffers themselves (torch's own path). Otherwise
-    it updates copies, which are committed per channel where the batch statistics are
-    finite (a running buffer must not be modified in place after autograd saved it).
+    ``"propagate"`` is torch's own path (ATen updates the buffers in place). ``"skip"`` on CPU
+    runs the same call through :meth:`NativeKernel.train_and_update`, which puts back the
+    previous statistics of channels whose batch statistics are not finite. Elsewhere ATen
+    updates copies, committed per channel (a buffer must not change in place after autograd
+    saved it).
     """
-    from ..kernels import NativeKernel
-
-    if spec.nonfinite == "propagate":
-        y = NativeKernel.train_and_update(
-            x, weight, bias, running_mean, running_var, factor, spec.eps
-        )[0]
-        _count_batch(num_batches_tracked, True)
+    policy = spec.nonfinite
+    if policy == "propagate" or (policy == "skip" and _on_host(running_mean)):
+        y, mean, invstd, restored = NativeKernel.train_and_update(
+            x, weight, bias, running_mean, running_var, factor, spec.eps, skip=policy == "skip"
+        )
+        if restored:
+            _warn_skipped(spec.name, torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0))
+        _count_batch(num_batches_tracked, restored < x.shape[1])
         return y
     new_mean, new_var = running_mean.clone(), running_var.clone()
-    y, mean, invstd = NativeKernel.train_and_update(
-        x, weight, bias, new_mean, new_var, factor, spec.eps
+    y, mean, invstd, _ = NativeKernel.train_and_update(
+        x, weight, bias, new_mean, new_var, factor, spec.eps, skip=False
     )
-    if _on_host(running_mean) and _host_finite(mean) and _host_positive(invstd):
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-        updated: bool | Tensor = True
-    else:  # a variance of +inf gives invstd = 0, NaN gives NaN
-        ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
-        with torch.no_grad():
-            updated = _commit(
-                running_mean, running_var, new_mean, new_var, ok, spec.nonfinite, spec.name
-            )
+    ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)  # var = +inf: invstd 0
+    with torch.no_grad():
+        updated = _commit(running_mean, running_var, new_mean, new_var, ok, policy, spec.name)
     _count_batch(num_batches_tracked, updated)
     return y
 
@@ -478,38 +467,24 @@ def _eval(
     spec: LayerSpec,
 ) -> Tensor:
     """Normalize with the running statistics; masked positions output ``f(bias)`` as in training."""
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+    if mask is not None:
+        check_mask(x, mask)
+    records = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
-    kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None)
-    if records and not kernel.differentiable and kernel.name != "reference":
-        kernel = resolve_kernel("native", x)  # the same affine map, with ATen's autograd
+    kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None, differentiable=records)
     act = spec.act
     fused = act if act is not None and act.name in kernel.activations else None
     y = kernel.forward_eval(x, running_mean, running_var, weight, bias, spec.eps, fused)
     if act is not None and fused is None:
         y = act.forward(y)
     if mask is not None:
-        check_batch_size_shape(x, mask)
         fill = bias if bias is not None else x.new_zeros(x.shape[1])
         fill = fill.to(y.dtype) if act is None else act.forward(fill.to(y.dtype))
         y = torch.where(mask.unsqueeze(1), y, channel_view(fill, x.dim()))
     return y
-
-
-def check_batch_size_shape(x: Tensor, mask: Tensor) -> None:
-    """The mask's dtype, shape and device (eval: no count needed)."""
-    expected = x.shape[:1] + x.shape[2:]
-    if (
-        not isinstance(mask, Tensor)
-        or mask.dtype != torch.bool
-        or tuple(mask.shape) != tuple(expected)
-    ):
-        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(
-            "mask must be a bool tensor with the input's shape without its channel axis, "
-            f"expected {tuple(expected)} (bool), got {got}"
-        )
 
 
 # ---------- functional entry points ----------

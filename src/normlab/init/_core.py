@@ -166,7 +166,14 @@ def trunc_normal_(
 def orthogonal_(
     tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Saxe et al. 2014: a (semi-)orthogonal matrix times ``gain`` — as ``torch.nn.init.orthogonal_``."""
+    """Saxe et al. 2014: a (semi-)orthogonal matrix times ``gain`` — as ``torch.nn.init.orthogonal_``.
+
+    float16/bfloat16 tensors get the float32 matrix rounded (torch's QR has no 16-bit CPU kernel).
+    """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        with torch.no_grad():
+            full = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+            return tensor.copy_(torch.nn.init.orthogonal_(full, gain, generator=generator))
     return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
 
 

@@ -57,7 +57,14 @@ log = logging.getLogger("normlab")
 SOURCE = Path(__file__).with_name("batch_norm_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
 #: the ops a usable library registers in ``torch.ops.normlab_fused``
-OPS = ("forward_train", "backward_train", "stats", "forward_eval", "invert_act")
+OPS = (
+    "forward_train",
+    "backward_train",
+    "stats",
+    "forward_eval",
+    "invert_act",
+    "aten_train_update",
+)
 _STALE_BUILD_SECONDS = 3600.0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._build import load_fused
 
 __all__ = ["NativeKernel"]
 
@@ -78,13 +81,36 @@ class NativeKernel:
         running_var: Tensor,
         momentum: float,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One ATen call normalizes ``x`` and moves the given running buffers (in place, torch's
-        update); returns ``(y, mean, invstd)``. The hot path of plain batch norm."""
+        *,
+        skip: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One ATen call normalizes ``x`` and moves the given running buffers in place (torch's
+        update): ``(y, mean, invstd, restored)``. The hot path of plain batch norm.
+
+        ``skip`` (CPU): channels whose batch statistics are not finite get their previous
+        running statistics back, inside the same C++ call (``restored`` of them) — no extra
+        tensor op on the common path. Needs the compiled glue op; without it the buffers are
+        backed up and restored here.
+        """
+        guarded = _guarded_op() if skip else None
+        if guarded is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
+            y, mean, invstd, restored = guarded(
+                x, weight, bias, running_mean, running_var, momentum, eps, True
+            )
+            return y, mean, invstd, restored
+        if skip:
+            old_mean, old_var = running_mean.clone(), running_var.clone()
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        return y, mean, invstd
+        if not skip:
+            return y, mean, invstd, 0
+        ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
+        restored = int((~ok).sum())
+        if restored:  # .data: a raw write, as in the C++ op (the training backward ignores it)
+            running_mean.data.copy_(torch.where(ok, running_mean, old_mean))
+            running_var.data.copy_(torch.where(ok, running_var, old_var))
+        return y, mean, invstd, restored
 
     @staticmethod
     def backward_train(
@@ -146,7 +172,7 @@ class NativeKernel:
     ) -> Tensor:
         """Normalize with given statistics through ``torch.batch_norm`` (differentiable, exportable)."""
         assert act is None, "composed by normlab.functional"
-        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True)
 
     @staticmethod
     def invert(
@@ -159,6 +185,13 @@ class NativeKernel:
     ) -> Tensor | None:
         """ATen has no inverse: the reference's serves."""
         return None
+
+
+@functools.cache
+def _guarded_op() -> Any:
+    """``torch.ops.normlab_fused.aten_train_update.default`` when the kernels are built, else None."""
+    ops = load_fused()
+    return None if ops is None else ops.aten_train_update.default
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

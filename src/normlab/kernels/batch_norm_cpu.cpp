@@ -29,6 +29,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/native_batch_norm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -993,9 +994,77 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
   return y;
 }
 
+// ====================== ATen's training batch norm, guarding the running statistics ======================
+// Plain batch norm on small inputs, where fixed costs rule: one call from Python. ATen's
+// native_batch_norm (its kernels, its autograd: this op is CompositeImplicitAutograd) normalizes
+// and moves the running buffers in place, exactly as torch does. With `skip`, a channel whose
+// batch statistics are not finite (mean NaN/Inf, invstd NaN or 0 for var = Inf) gets its
+// previous running statistics back. The restore is a raw write that autograd does not see:
+// native_batch_norm's training backward never reads the running buffers. Returns y, the batch
+// mean and invstd, and how many channels were restored.
+template <typename R>
+void backup(const Tensor& t, std::vector<double>& out) {
+  const R* p = t.data_ptr<R>();
+  out.resize(t.numel());
+  for (int64_t c = 0; c < t.numel(); ++c) out[c] = static_cast<double>(p[c]);
+}
+
+template <typename R>
+void restore(Tensor& t, const std::vector<double>& from, const std::vector<bool>& bad) {
+  R* p = t.data_ptr<R>();
+  for (size_t c = 0; c < bad.size(); ++c)
+    if (bad[c]) p[c] = static_cast<R>(from[c]);
+}
+
+std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train_update(const Tensor& input, const std::optional<Tensor>& weight,
+                                                              const std::optional<Tensor>& bias, Tensor running_mean,
+                                                              Tensor running_var, double momentum, double eps,
+                                                              bool skip) {
+  check_input(input, "aten_train_update");
+  const int64_t C = input.size(1);
+  check_channels(running_mean, C, "running_mean");
+  check_channels(running_var, C, "running_var");
+  check_channels(weight, C, "weight");
+  check_channels(bias, C, "bias");
+  check_eps(eps);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_mean.scalar_type() == running_var.scalar_type(),
+              "normlab aten_train_update: running buffers must be contiguous and of one dtype");
+  std::vector<double> old_mean, old_var;
+  if (skip) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_backup", [&] {
+      backup<scalar_t>(running_mean, old_mean);
+      backup<scalar_t>(running_var, old_var);
+    });
+  }
+  auto [y, mean, invstd] =
+      at::native_batch_norm(input, weight, bias, running_mean, running_var, true, momentum, eps);
+  int64_t restored = 0;
+  if (skip) {
+    const Tensor m = mean.to(at::kDouble).contiguous(), s = invstd.to(at::kDouble).contiguous();
+    const double* pm = m.data_ptr<double>();
+    const double* ps = s.data_ptr<double>();
+    std::vector<bool> bad(C, false);
+    for (int64_t c = 0; c < C; ++c) {
+      bad[c] = !(std::isfinite(pm[c]) && std::isfinite(ps[c]) && ps[c] > 0);
+      restored += bad[c];
+    }
+    if (restored) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_restore", [&] {
+        restore<scalar_t>(running_mean, old_mean, bad);
+        restore<scalar_t>(running_var, old_var, bad);
+      });
+    }
+  }
+  return {y, mean, invstd, restored};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normlab_fused, m) {
+  m.def(
+      "aten_train_update(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "float momentum, float eps, bool skip) -> (Tensor, Tensor, Tensor, int)");
   m.def(
       "forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope, int[]? chunks=None) -> (Tensor, "
       "Tensor, Tensor, Tensor)");
@@ -1007,6 +1076,8 @@ TORCH_LIBRARY(normlab_fused, m) {
   m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "
         "float? slope) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(normlab_fused, CompositeImplicitAutograd, m) { m.impl("aten_train_update", &aten_train_update); }
 
 TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
   m.impl("forward_train", &forward_train);
