@@ -158,7 +158,9 @@ def _forward(
     correction = None
     if spec.renorm is not None and has_running:
         assert running_mean is not None and running_var is not None
-        step = int(num_batches_tracked) if num_batches_tracked is not None else 0
+        # the step is read only for a schedule (inside torch.func.vmap a counter has no value)
+        scheduled = callable(spec.renorm[0]) or callable(spec.renorm[1])
+        step = int(num_batches_tracked) if scheduled and num_batches_tracked is not None else 0
         correction = renorm_correction(
             running_mean.clone(),  # the running statistics before this step's update
             running_var.clone(),

@@ -79,8 +79,12 @@ def update_running_stats_(
 
 
 def _on_host(t: Tensor) -> bool:
-    """Decisions about ``t`` may be taken on the host (CPU, eager)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Decisions about ``t`` may be taken on the host (CPU, eager, outside ``torch.func``)."""
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
 
 
 def _commit(
@@ -97,6 +101,11 @@ def _commit(
         running_mean.copy_(torch.where(ok, new_mean, running_mean))
         running_var.copy_(torch.where(ok, new_var, running_var))
         return ok.any()
+    if torch._C._functorch.is_functorch_wrapped_tensor(ok):
+        raise RuntimeError(
+            f"{owner}: nonfinite={nonfinite!r} decides on the host, which torch.func transforms "
+            "(vmap) cannot; use nonfinite='skip' (decided per channel on the device) or 'propagate'"
+        )
     if bool(ok.all()):
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)

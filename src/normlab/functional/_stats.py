@@ -86,7 +86,10 @@ def batch_norm_stats(
         # Welford reduction, but over strided axes such as NCHW's (0, 2, 3) it runs ~5x
         # slower on CPU than two pairwise-summed reductions, for no accuracy gain here.)
         mean = x.mean(dim=dims, keepdim=True)  # (1, C, 1, ...)
-        var = (x - mean).square_().mean(dim=dims)
+        centered = x - mean
+        # in place saves a buffer; torch.func has no batching rule for square_ (a slow loop)
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(centered)
+        var = (centered.square() if wrapped else centered.square_()).mean(dim=dims)
         return mean.flatten(), var, count
     m = check_mask(input, mask, channel_axis, per_channel=True)
     count = m.sum(dim=dims, dtype=acc).expand(channels).clone()  # (C,)

@@ -336,7 +336,8 @@ def _differentiable_backward(
     if plan.keeps_output:
         raise RuntimeError(
             "a BatchNormAct layer keeps only its output and does not support double backward "
-            "(create_graph=True); use a BatchNorm followed by the activation"
+            "(create_graph=True, which torch.func.grad/jacrev use too); use a BatchNorm followed "
+            "by the activation, or a non-invertible activation (relu, silu, gelu)"
         )
     inputs = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
     with torch.enable_grad():

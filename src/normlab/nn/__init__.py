@@ -22,6 +22,7 @@ from ._bnact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from ._frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from ._ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from ._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from ._split import SplitBatchNorm1d, SplitBatchNorm2d, SplitBatchNorm3d
 from ._sync import SyncBatchNorm
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
     "GhostBatchNorm3d",
     "LayerDescription",
     "NormBase",
+    "SplitBatchNorm1d",
+    "SplitBatchNorm2d",
+    "SplitBatchNorm3d",
     "SyncBatchNorm",
     "describe",
     "layer_class",

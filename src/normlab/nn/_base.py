@@ -367,7 +367,12 @@ def _fx_tracing() -> bool:
 
 
 def _concrete(t: Tensor | None) -> bool:
-    return isinstance(t, Tensor) and t.device.type != "meta"
+    """A tensor whose values can be read on the host (not meta, not inside ``torch.func``)."""
+    return (
+        isinstance(t, Tensor)
+        and t.device.type != "meta"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
 
 
 def _short(value: Any) -> str:

@@ -8,7 +8,8 @@ the conversion did not ask for:
 
 * the backend (every backend computes the same);
 * the source kind's own options when the kind changes (Renorm's limits, Ghost's virtual
-  batch, Sync's process group) — that is what converting to another kind means;
+  batch, Sync's process group, Split's number of splits) — that is what converting to
+  another kind means;
 * training-only options when the target is a frozen (inference) layer;
 * a default value, or an activation that is the identity.
 
@@ -34,6 +35,7 @@ _KIND_OWN = {
     "renorm": {"r_max", "d_max"},
     "ghost": {"virtual_batch_size"},
     "sync": {"process_group"},
+    "split": {"num_splits"},
 }
 _TRAINING_ONLY = {
     "momentum",

@@ -180,8 +180,8 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         """Replace every batch norm of ``module`` (torch's, normlab's ``BatchNorm*`` and
         ``BatchNormAct*``, ``torch.nn.SyncBatchNorm``) by a ``normlab.nn.SyncBatchNorm`` that
         keeps its settings, its activation and the *same* parameters and buffers (an optimizer
-        built before keeps working). Batch Renorm and Ghost BN have no synchronized form and
-        raise; frozen layers are left alone. Returns ``module`` (a new layer when ``module``
+        built before keeps working). Batch Renorm, Ghost BN and Split BN have no synchronized
+        form and raise; frozen layers are left alone. Returns ``module`` (a new layer when ``module``
         itself is a batch norm)."""
 
         def convert(bn: nn.Module, path: str) -> nn.Module | None:
@@ -190,11 +190,12 @@ class SyncBatchNorm(ActivationOptions, NormBase):
             kind = describe(bn).kind
             if kind == "frozen":
                 return None
-            if kind in ("renorm", "ghost"):
+            if kind in ("renorm", "ghost", "split"):
+                name = {"renorm": "Batch Renorm", "ghost": "Ghost BN", "split": "Split BN"}[kind]
                 raise ValueError(
                     f"cannot convert {path} ({type(bn).__name__}) to SyncBatchNorm: "
-                    f"{'Batch Renorm' if kind == 'renorm' else 'Ghost BN'} has no synchronized "
-                    "form; convert the model's other layers one by one, or replace it first"
+                    f"{name} has no synchronized form; convert the model's other layers one by "
+                    "one, or replace it first"
                 )
             sync = build_like(bn, cls, path=path, overrides={"process_group": process_group})
             transfer_state(bn, sync, path=path, share=True)

@@ -198,7 +198,9 @@ def test_untraceable_model_falls_back_to_sequential_matching() -> None:
     assert report.method == "sequential" and report.trace_error
     assert type(folded) is Untraceable
     assert report.folded == [("features.0", "features.1"), ("features.3.0", "features.3.1")]
-    assert report.skipped == [("bn", "not directly after a Conv/Linear inside an nn.Sequential")]
+    assert report.skipped == [
+        ("bn", "not directly after or before a Conv/Linear inside an nn.Sequential")
+    ]
     assert isinstance(folded.features[1], nn.Identity)
 
 
@@ -270,7 +272,10 @@ def test_custom_forward_and_hooks_are_not_folded() -> None:
     model = nn.Sequential(StdConv(3, 4, 1), nn.BatchNorm2d(4), hooked, nn.BatchNorm2d(4))
     _, report = _check_equal(model, torch.randn(2, 3, 4, 4))
     reasons = dict(report.skipped)
-    assert reasons["1"] == "its input is not the output of a Conv/ConvTranspose/Linear module"
+    assert reasons["1"] == (
+        "its input is not the output of a Conv/ConvTranspose/Linear module; nor into the layer "
+        "after it (2): the layer or the BatchNorm has hooks"
+    )
     assert reasons["3"] == "the layer or the BatchNorm has hooks"
 
 

@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...functional import batch_norm_stats
 from ._common import (
-    bn_channel_axis,
+    RunningState,
+    batch_input,
     has_running_stats,
+    hooked_input,
+    input_stats,
     is_batchnorm,
     is_frozen_batchnorm,
     module_dtype_device,
@@ -48,10 +50,8 @@ class _Accumulator:
         self.skipped = 0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0]
-        mask = args[1] if len(args) > 1 else kwargs.get("mask")
-        axis = bn_channel_axis(module) if x.dim() == 3 else 1
-        mean, var, count = batch_norm_stats(x.detach(), channel_axis=axis, mask=mask)
+        x, mask = hooked_input(args, kwargs)
+        mean, var, count = input_stats(module, x, mask)
         # (C,) each; unbiased variance as torch's running_var uses
         var_unbiased = var * count / (count - 1).clamp_min(1)
         if not (
@@ -77,23 +77,13 @@ class _Accumulator:
             tracked.fill_(self.batches)
 
 
-def _inputs(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        "recalibrate_batchnorm: data must yield tensors or tuples/lists whose first element "
-        f"is the input tensor, got {type(batch).__name__}"
-    )
-
-
 def recalibrate_batchnorm(
     model: nn.Module,
     data: Iterable[Any],
     *,
     num_batches: int = 200,
     progress: bool = True,
+    layers: Iterable[str] | None = None,
 ) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics over ``data`` ("precise BN"), in place.
 
@@ -109,42 +99,80 @@ def recalibrate_batchnorm(
     change: every module's training flag and momentum are as before. A batch
     whose statistics are non-finite for a layer is left out of that layer's
     average (with a warning). ``FrozenBatchNorm*`` and layers without running
-    statistics are skipped.
+    statistics are skipped. A split layer's statistics are those of the first part of
+    each batch (as in training).
 
-    Args:
-        model: the model (on any device; batches are moved to the model's device).
-        data: a DataLoader or any iterable of input tensors or of tuples/lists
-            whose first element is the input.
-        num_batches: at most this many batches are used.
-        progress: show a tqdm bar (only when stderr is a terminal).
+    Parameters
+    ----------
+    model : nn.Module
+        The model (on any device; batches are moved to the model's device).
+    data : iterable
+        A DataLoader or any iterable of input tensors or of tuples/lists whose first
+        element is the input.
+    num_batches : int
+        At most this many batches are used.
+    progress : bool
+        Show a tqdm bar (only when stderr is a terminal).
+    layers : iterable of str, optional
+        Re-estimate only these layers (module paths, as ``model.named_modules()`` names
+        them) — e.g. ``normlab.diagnostics.train_eval_gap(model, data).flagged``. Every
+        BatchNorm still runs in training mode, so these layers get the statistics a full
+        recalibration gives them; the others keep their buffers bit-exactly.
 
-    Returns:
+    Returns
+    -------
+    nn.Module
         ``model``.
+
+    Raises
+    ------
+    ValueError
+        ``num_batches < 1``, no batches, no BatchNorm with running statistics, or a path
+        in ``layers`` that is not such a layer of ``model``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import recalibrate_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+    ...                             torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    >>> data = [torch.randn(32, 4) for _ in range(5)]
+    >>> _ = recalibrate_batchnorm(model, data, progress=False, layers=["3"])
+    >>> int(model[1].num_batches_tracked), int(model[3].num_batches_tracked)
+    (0, 5)
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-    targets = {
+    eligible = {
         name: m
         for name, m in model.named_modules()
         if is_batchnorm(m) and has_running_stats(m) and not is_frozen_batchnorm(m)
     }
-    if not targets:
+    if not eligible:
         raise ValueError(
             "recalibrate_batchnorm: the model has no BatchNorm with running statistics"
         )
+    targets = eligible
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [n for n in wanted if n not in eligible]
+        if unknown:
+            raise ValueError(
+                f"recalibrate_batchnorm: {', '.join(map(repr, unknown))} is not a BatchNorm with "
+                f"running statistics in the model (those are: {', '.join(map(repr, eligible))})"
+            )
+        targets = {n: eligible[n] for n in wanted}
     _, device = module_dtype_device(model)
     flags = {m: m.training for m in model.modules()}
     accumulators = {name: _Accumulator(m, name) for name, m in targets.items()}
     handles = [
         m.register_forward_pre_hook(accumulators[n], with_kwargs=True) for n, m in targets.items()
     ]
-    snapshot = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in targets.items()}
-    tracked = {n: getattr(m, "num_batches_tracked", None) for n, m in targets.items()}
-    tracked_before = {n: t.clone() for n, t in tracked.items() if isinstance(t, Tensor)}
+    saved = [RunningState(m) for m in eligible.values()]
     seen = 0
     try:
         model.eval()
-        for m in targets.values():
+        for m in eligible.values():
             m.train()
         bar = tqdm(
             total=num_batches, desc="recalibrate BN", disable=not (progress and sys.stderr.isatty())
@@ -153,7 +181,7 @@ def recalibrate_batchnorm(
             for batch in data:
                 if seen >= num_batches:
                     break
-                model(_inputs(batch).to(device))
+                model(batch_input(batch, "recalibrate_batchnorm").to(device))
                 seen += 1
                 bar.update(1)
     finally:
@@ -161,12 +189,8 @@ def recalibrate_batchnorm(
             handle.remove()
         for module, flag in flags.items():
             module.training = flag
-        with torch.no_grad():  # undo the EMA updates of the forward passes
-            for n, m in targets.items():
-                m.running_mean.copy_(snapshot[n][0])
-                m.running_var.copy_(snapshot[n][1])
-                if n in tracked_before:
-                    tracked[n].copy_(tracked_before[n])  # type: ignore[union-attr]
+        for state in saved:  # undo the EMA updates of the forward passes
+            state.restore()
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: data yielded no batches")
     for acc in accumulators.values():
