@@ -99,8 +99,11 @@ def test_functional_input_checks() -> None:
         batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True)
     with pytest.raises(TypeError, match=r"batch_norm expects a torch\.Tensor input, got list"):
         batch_norm([[1.0, 2.0]], None, None, training=True)  # type: ignore[arg-type]
+    long_mean = torch.zeros(3, dtype=torch.long)
     with pytest.raises(TypeError, match="running_mean must be a floating-point tensor"):
-        batch_norm(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), torch.ones(3))
+        batch_norm(torch.randn(4, 3), long_mean, torch.ones(3), training=True)
+    with pytest.raises(RuntimeError, match="expect parameter to have scalar type of Float"):
+        batch_norm(torch.randn(4, 3), long_mean, torch.ones(3))  # eval: torch's own check
     with pytest.raises(ValueError, match="needs both running_mean and running_var, or neither"):
         batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
 
@@ -122,7 +125,7 @@ def test_cpp_kernels_check_their_arguments() -> None:
         ops.backward_train(
             x[:2], x, None, None, torch.zeros(64), torch.ones(64), None, [True, True, True], None
         )
-    with pytest.raises(RuntimeError, match="expected a floating-point input"):
+    with pytest.raises(TypeError, match="expected a floating-point input"):
         ops.stats(torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(RuntimeError, match="eps must be a non-negative finite number"):
         ops.forward_train(x, None, None, -1.0, None, None)

@@ -30,6 +30,9 @@ from ._variants import Limit, _limit, ghost_chunks, renorm_correction
 __all__ = ["SINGLE_SAMPLE", "LayerSpec", "batch_norm_layer", "check_batch_size"]
 
 SINGLE_SAMPLE: tuple[str, ...] = ("raise", "running")
+# kernels whose eval forward checks every per-channel tensor itself, with torch's words
+# (torch.batch_norm; the fused C++ entry point): the Python check would be paid twice
+_CHECKED_EVAL = ("native", "fused")
 
 
 class LayerSpec(NamedTuple):
@@ -129,6 +132,8 @@ def _forward(
             return _aten_train(
                 x, running_mean, running_var, num_batches_tracked, weight, bias, spec, host=True
             )
+    if not spec.training and has_running:
+        return _eval(x, mask, running_mean, running_var, weight, bias, spec)  # type: ignore[arg-type]
     check_channels(
         x.shape[1],
         running_mean=running_mean,
@@ -137,8 +142,6 @@ def _forward(
         bias=bias,
         device=x.device,
     )
-    if not spec.training and has_running:
-        return _eval(x, mask, running_mean, running_var, weight, bias, spec)  # type: ignore[arg-type]
     if spec.reducer is None:  # SyncBN counts across processes (a rank may hold no sample)
         try:
             n = check_batch_size(x, mask)
@@ -292,6 +295,15 @@ def _eval(
         or (bias is not None and bias.requires_grad)
     )
     kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None, differentiable=records)
+    if kernel.name not in _CHECKED_EVAL:
+        check_channels(
+            x.shape[1],
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
+            device=x.device,
+        )
     act = spec.act
     fused = act if act is not None and act.name in kernel.activations else None
     y = kernel.forward_eval(x, running_mean, running_var, weight, bias, spec.eps, fused)

@@ -105,8 +105,8 @@ Tensor like_layout(const Tensor& t, const Tensor& x) {
 void check_input(const Tensor& x, const char* what) {
   TORCH_CHECK(x.defined(), "normlab fused ", what, ": the input is undefined");
   TORCH_CHECK(x.device().is_cpu(), "normlab fused ", what, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "normlab fused ", what, ": expected a floating-point input, got ",
-              x.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "normlab fused ", what,
+                   ": expected a floating-point input, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 2, "normlab fused ", what, ": expected (N, C, *) input, got ", x.dim(), "D");
 }
 
@@ -114,7 +114,8 @@ void check_input(const Tensor& x, const char* what) {
 void check_channels(const std::optional<Tensor>& t, int64_t expected, const char* name) {
   if (!t || !t->defined()) return;
   TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), name, " must be a floating-point tensor, got ",
+                   t->scalar_type());
   TORCH_CHECK(t->numel() == expected, name, " should contain ", expected, " elements not ", t->numel());
 }
 
