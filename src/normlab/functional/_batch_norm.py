@@ -56,7 +56,26 @@ SINGLE_SAMPLE: tuple[str, ...] = ("raise", "running")
 class Ramp(NamedTuple):
     """A limit that moves linearly from ``start`` to ``end`` between two step counts
     (``num_batches_tracked``), constant outside — Ioffe 2017's ``r_max``/``d_max`` schedule.
-    A plain tuple of numbers: it pickles, prints and traces."""
+    A plain tuple of numbers: it pickles, prints and traces.
+
+    Parameters
+    ----------
+    start : float
+        The value up to ``start_step``.
+    end : float
+        The value from ``end_step`` on.
+    start_step : int
+        Where the ramp starts.
+    end_step : int
+        Where it ends.
+
+    Examples
+    --------
+    >>> from normlab.functional import Ramp
+    >>> ramp = Ramp(1.0, 3.0, 100, 200)
+    >>> ramp(0), ramp(150), ramp(10_000)
+    (1.0, 2.0, 3.0)
+    """
 
     start: float
     end: float
@@ -64,6 +83,7 @@ class Ramp(NamedTuple):
     end_step: int
 
     def __call__(self, step: int) -> float:
+        """The limit at ``step`` (a ``num_batches_tracked`` count), as a float."""
         if step <= self.start_step:
             return float(self.start)
         t = min(1.0, (step - self.start_step) / max(1, self.end_step - self.start_step))
@@ -74,7 +94,55 @@ Limit = float | Ramp | Callable[[int], float]
 
 
 class LayerSpec(NamedTuple):
-    """A layer's settings, as constants (what ``torch.fx`` records in its graph)."""
+    """A layer's settings, as constants (what ``torch.fx`` records in its graph).
+
+    The layers build one per forward (:meth:`normlab.nn.NormBase.forward`); users of
+    :func:`batch_norm_layer` may build their own.
+
+    Parameters
+    ----------
+    name : str
+        For messages, e.g. ``"BatchNorm2d(64)"``.
+    num_features : int
+        ``C``.
+    ndims : tuple of int
+        Accepted input ranks; ``()``: any ``>= 2``.
+    training : bool
+        Batch statistics (True) or running ones.
+    momentum : float or None
+        Running-statistics factor; ``None``: cumulative average.
+    eps : float
+        Added to the variance.
+    nonfinite : {"skip", "raise", "propagate"}
+        See :class:`normlab.nn.NormBase`.
+    single_sample : {"raise", "running"}
+        See :class:`normlab.nn.NormBase`.
+    backend : str
+        See :func:`batch_norm`.
+    channel_axis : {1, -1}
+        Where the channels are.
+    act : Activation, optional
+        An activation after the affine map (BN+act).
+    save_output : bool
+        Keep only the output for backward (BN+act with an invertible activation).
+    virtual_batch_size : int, optional
+        Ghost BN's chunk size.
+    renorm : (limit, limit), optional
+        Batch Renorm's ``(r_max, d_max)``: numbers, :class:`Ramp` or callables of the step.
+    reducer : Reducer, optional
+        SyncBN's cross-process reduction (eager only).
+    unbiased_running_var : bool
+        torch's rule (``var·n/(n−1)`` into ``running_var``); ``False``: Keras' (``var``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import LayerSpec, batch_norm_layer
+    >>> spec = LayerSpec("demo", 3, virtual_batch_size=4)
+    >>> y = batch_norm_layer(torch.randn(8, 3), None, None, None, None, None, None, spec)
+    >>> y[:4].mean(0).abs().max().item() < 1e-5                # each chunk of 4 normalized
+    True
+    """
 
     name: str  # for messages, e.g. "BatchNorm2d(64)"
     num_features: int
@@ -100,6 +168,35 @@ def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: in
 
     With a mask (the input's shape without the channel axis, bool) the count is the number
     of valid positions, and 0 raises too (there would be nothing to normalize with).
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        The batch.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    channel_axis : int
+        Where the channels are.
+
+    Returns
+    -------
+    int
+        ``n``, the values per channel.
+
+    Raises
+    ------
+    ValueError
+        One value per channel (torch's message), no valid value, or a malformed mask.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import check_batch_size
+    >>> check_batch_size(torch.zeros(4, 3, 5))
+    20
+    >>> check_batch_size(torch.zeros(1, 3))
+    Traceback (most recent call last):
+    ValueError: Expected more than 1 value per channel when training, got input size torch.Size([1, 3])
     """
     channels = input.shape[channel_axis]
     if mask is None:
@@ -138,7 +235,25 @@ def _bad_channels(ok: Tensor) -> str:
 
 
 def nonfinite_channels(*tensors: Tensor) -> str | None:
-    """The channels where any of the per-channel ``tensors`` is NaN/Inf (``"3, 7"``), or ``None``."""
+    """The channels where any of the per-channel ``tensors`` is NaN/Inf, for messages.
+
+    Parameters
+    ----------
+    *tensors : Tensor
+        Per-channel tensors of one shape ``(C,)``.
+
+    Returns
+    -------
+    str or None
+        ``"3, 7"`` (the first 8, then ``"and k more"``), or ``None`` when all are finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import nonfinite_channels
+    >>> nonfinite_channels(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([1.0, 1.0, float("inf")]))
+    '1, 2'
+    """
     ok = torch.ones_like(tensors[0], dtype=torch.bool)
     for t in tensors:
         ok &= torch.isfinite(t)
@@ -178,8 +293,44 @@ def update_running_stats_(
     warns naming them, ``"raise"`` raises ``FloatingPointError`` naming them and changes
     nothing.
 
-    Returns whether any channel was updated: a ``bool``, or a 0-d bool tensor where that is
-    only known on the device (an accelerator or ``torch.compile``: no host synchronisation).
+    Parameters
+    ----------
+    running_mean : Tensor, shape (C,)
+        Updated in place.
+    running_var : Tensor, shape (C,)
+        Updated in place.
+    mean : Tensor, shape (C,)
+        The batch mean.
+    var_unbiased : Tensor, shape (C,)
+        The batch's unbiased variance ``var·n/(n−1)``.
+    factor : float
+        The momentum (or ``1/k`` for a cumulative average).
+    nonfinite : {"propagate", "skip", "raise"}
+        See above.
+    owner : str
+        The layer's name, for messages.
+
+    Returns
+    -------
+    bool or Tensor
+        Whether any channel was updated: a ``bool``, or a 0-d bool tensor where that is only
+        known on the device (an accelerator or ``torch.compile``: no host synchronisation).
+
+    Raises
+    ------
+    FloatingPointError
+        ``nonfinite="raise"`` and some channel's batch statistics are NaN/Inf.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import update_running_stats_
+    >>> rm, rv = torch.zeros(2), torch.ones(2)
+    >>> with __import__("warnings").catch_warnings(record=True):
+    ...     _ = update_running_stats_(rm, rv, torch.tensor([1.0, float("nan")]),
+    ...                               torch.tensor([3.0, 1.0]), 0.5, nonfinite="skip")
+    >>> rm, rv                                       # channel 1 left as it was
+    (tensor([0.5000, 0.0000]), tensor([2., 1.]))
     """
     check_choice(nonfinite, "nonfinite", NONFINITE)
     mean, var_unbiased = mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)
@@ -253,6 +404,38 @@ def renorm_correction(
 
     with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}`, :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`;
     ``r`` and ``d`` carry no gradient (Alg. 1).
+
+    Parameters
+    ----------
+    running_mean : Tensor, shape (C,)
+        μ, taken before this step's update.
+    running_var : Tensor, shape (C,)
+        The running variance.
+    eps : float
+        The layer's ``eps``.
+    r_max : float
+        ``>= 1``.
+    d_max : float
+        ``>= 0``.
+
+    Returns
+    -------
+    callable
+        ``correction(mean_B, var_B) -> (r, d)``, each ``(C,)``; pass it to
+        :func:`batch_norm_train`.
+
+    Raises
+    ------
+    ValueError
+        ``r_max < 1``, ``d_max < 0`` or either not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import renorm_correction
+    >>> correction = renorm_correction(torch.zeros(2), torch.ones(2), 0.0, 3.0, 5.0)
+    >>> correction(torch.tensor([0.5, 0.0]), torch.tensor([16.0, 1.0]))   # r clipped at 3
+    (tensor([3., 1.]), tensor([0.5000, 0.0000]))
     """
     if not (math.isfinite(r_max) and r_max >= 1.0 and math.isfinite(d_max) and d_max >= 0.0):
         raise ValueError(f"need finite r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
@@ -272,8 +455,29 @@ def _limit(value: Limit, step: int) -> float:
 
 
 def ghost_chunks(n: int, virtual_batch_size: int) -> list[int]:
-    """Ghost BN's chunk sizes for a batch of ``n``: ``virtual_batch_size`` each, a last chunk of
-    a single sample joining the previous one (it has no variance)."""
+    """Ghost BN's chunk sizes for a batch of ``n``.
+
+    ``virtual_batch_size`` each; a last chunk of a single sample joins the previous one (it
+    has no variance).
+
+    Parameters
+    ----------
+    n : int
+        The batch size.
+    virtual_batch_size : int
+        Samples per chunk.
+
+    Returns
+    -------
+    list of int
+        Sizes that add up to ``n``.
+
+    Examples
+    --------
+    >>> from normlab.functional import ghost_chunks
+    >>> ghost_chunks(10, 4), ghost_chunks(9, 4), ghost_chunks(3, 4)
+    ([4, 4, 2], [4, 5], [3])
+    """
     if n <= virtual_batch_size:
         return [n]
     full, rest = divmod(n, virtual_batch_size)
@@ -298,6 +502,40 @@ def batch_norm_layer(
     Training uses the batch statistics (and moves the running buffers when they are given);
     eval — or training with ``single_sample="running"`` on a one-value batch — uses the
     running ones. Without running buffers the batch statistics serve in eval too (torch).
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        ``(N, *, C)`` with ``spec.channel_axis == -1``.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    running_mean : Tensor of shape (C,) or None
+        Updated in place in training.
+    running_var : Tensor of shape (C,) or None
+        Updated in place in training.
+    num_batches_tracked : Tensor or None
+        The step counter (0-d long), incremented in training.
+    weight : Tensor of shape (C,) or None
+        γ.
+    bias : Tensor of shape (C,) or None
+        β.
+    spec : LayerSpec
+        The layer's settings.
+
+    Returns
+    -------
+    Tensor
+        The input's shape, dtype and layout.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import LayerSpec, batch_norm_layer
+    >>> rm, rv, steps = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    >>> x = torch.randn(16, 3) * 2 + 5
+    >>> y = batch_norm_layer(x, None, rm, rv, steps, None, None, LayerSpec("demo", 3, momentum=None))
+    >>> int(steps), torch.allclose(rm, x.mean(0))              # a cumulative average of one batch
+    (1, True)
     """
     check_input(input, what=spec.name, ndims=spec.ndims)
     moved = spec.channel_axis != 1 and input.dim() > 2
@@ -521,6 +759,43 @@ def batch_norm_train(
     each normalized with its own statistics) is given. ``activation`` follows the affine map;
     ``correction(mean, var) -> (r, d)`` (per channel, no gradient) turns the output into
     ``weight·(r·x̂ + d) + bias`` — Batch Renormalization — at plain batch-norm cost.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        Floating point.
+    weight : Tensor of shape (C,) or None
+        γ.
+    bias : Tensor of shape (C,) or None
+        β.
+    eps : float
+        Added to the variance.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    backend : str
+        See :func:`batch_norm`.
+    activation : Activation, optional
+        Applied after the affine map (:func:`make_activation`).
+    chunks : list of int, optional
+        Sizes of consecutive batch chunks (:func:`ghost_chunks`).
+    correction : callable, optional
+        ``(mean, var) -> (r, d)`` (:func:`renorm_correction`).
+
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        ``y`` (the input's shape), ``mean`` and biased ``var``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import batch_norm_train, ghost_chunks, make_activation
+    >>> x = torch.randn(12, 4, requires_grad=True)
+    >>> y, mean, var = batch_norm_train(x, None, None, 1e-5, activation=make_activation("relu"),
+    ...                                 chunks=ghost_chunks(12, 6))
+    >>> y.shape, mean.shape, bool((y >= 0).all())
+    (torch.Size([12, 4]), torch.Size([2, 4]), True)
+    >>> y.sum().backward()                               # the closed-form backward
     """
     check_input(input)
     check_channels(input.shape[1], weight=weight, bias=bias, device=input.device)

@@ -111,15 +111,32 @@ def recalibrate_batchnorm(
     average (with a warning). ``FrozenBatchNorm*`` and layers without running
     statistics are skipped.
 
-    Args:
-        model: the model (on any device; batches are moved to the model's device).
-        data: a DataLoader or any iterable of input tensors or of tuples/lists
-            whose first element is the input.
-        num_batches: at most this many batches are used.
-        progress: show a tqdm bar (only when stderr is a terminal).
+    Parameters
+    ----------
+    model : nn.Module
+        The model (on any device; batches are moved to the model's device).
+    data : iterable
+        A DataLoader or any iterable of input tensors (e.g. ``(N, C, H, W)``) or of
+        tuples/lists whose first element is the input.
+    num_batches : int
+        At most this many batches are used (default 200).
+    progress : bool
+        Show a tqdm bar (only when stderr is a terminal).
 
-    Returns:
-        ``model``.
+    Returns
+    -------
+    nn.Module
+        ``model``, with new running statistics.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import recalibrate_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> data = [torch.randn(32, 4) + 5 for _ in range(10)]
+    >>> model = recalibrate_batchnorm(model, data, progress=False)
+    >>> int(model[1].num_batches_tracked), model.training        # flags unchanged
+    (10, True)
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
