@@ -31,7 +31,7 @@ def test_version_names_torch_and_whether_the_kernels_are_built(tmp_path: Path) -
     result = CliRunner().invoke(app, ["--version"])
     status = kernel_status()
     if status.usable:
-        assert result.output.splitlines()[2] == f"fused kernels: built ({status.library})"
+        assert result.output.splitlines()[2] == f"fused kernels: built (cache {status.cache})"
 
 
 def test_choices_are_the_sources_of_truth() -> None:

@@ -28,7 +28,7 @@ def _versions() -> str:
 
     status = kernel_status()
     if status.usable:
-        kernels = f"built ({status.library})"
+        kernels = f"built (cache {status.cache})"
     elif status.built:
         kernels = f"built but not usable: {status.reason}"
     else:
