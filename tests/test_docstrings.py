@@ -55,6 +55,22 @@ def _parameters(fn: Callable[..., Any]) -> list[str]:
     return [p for p in signature.parameters if p not in ("self", "cls")]
 
 
+def _documented_parameters(doc: str) -> set[str]:
+    """The names the Parameters section documents (``a, b : type`` documents both)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = next(i for i in range(len(lines) - 1) if lines[i].strip() == "Parameters") + 2
+    except StopIteration:
+        return set()
+    names: set[str] = set()
+    for line in lines[start:]:
+        if line and set(line.strip()) == {"-"}:  # the next section's underline
+            break
+        if line and not line[0].isspace():
+            names |= {n.strip().lstrip("*") for n in line.split(" : ")[0].split(",")}
+    return names
+
+
 def _returns_something(fn: Callable[..., Any]) -> bool:
     try:
         hints = typing.get_type_hints(inspect.unwrap(fn))
@@ -80,9 +96,14 @@ def test_public_object_has_a_numpy_docstring_with_an_example(name: str) -> None:
         init_params = _parameters(obj) if obj.__init__ is not object.__init__ else []
         if init_params and not typing.get_origin(obj) and "Protocol" not in str(obj.__mro__):
             assert sections & {"Parameters", "Attributes"}, f"{name}: no Parameters section"
+        if "Parameters" in sections:
+            missing = set(init_params) - _documented_parameters(doc)
+            assert not missing, f"{name}: parameters not documented: {sorted(missing)}"
     else:
         if _parameters(obj):
             assert "Parameters" in sections, f"{name}: no Parameters section"
+            missing = set(_parameters(obj)) - _documented_parameters(doc)
+            assert not missing, f"{name}: parameters not documented: {sorted(missing)}"
         if _returns_something(obj):
             assert sections & {"Returns", "Yields"}, f"{name}: no Returns section"
 

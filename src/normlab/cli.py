@@ -67,8 +67,8 @@ class Suite(StrEnum):
     model = "model"
     fold = "fold"
     ensemble = "ensemble"
-    standardizer = "standardizer"
     allocator = "allocator"
+    standardizer = "standardizer"
 
 
 class BackendName(StrEnum):
@@ -205,7 +205,7 @@ def bench(
     results = []
     for name in names:
         if name in RESULT_SUITES:
-            with console.status(f"timing {name} (child processes)"):
+            with console.status(f"timing {name}"):
                 results += RESULT_SUITES[name](options)
             continue
         cases = SUITES[name](options)

@@ -281,7 +281,7 @@ def test_mask_applies_in_eval_as_in_training(cls: type) -> None:
         layer.bias if cls is not nlnn.BatchNormAct1d else nn.functional.leaky_relu(layer.bias, 0.01)
     )
     torch.testing.assert_close(pad, expected.detach().expand_as(pad))
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor, got torch\.float32"):
         layer(x, mask.float())
 
 

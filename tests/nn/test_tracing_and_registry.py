@@ -159,3 +159,42 @@ def test_convert_batchnorm_keeps_options_or_refuses() -> None:
         ValueError, match="it has activation='elu', which GhostBatchNorm2d cannot represent"
     ):
         convert_batchnorm(act, nlnn.GhostBatchNorm2d, virtual_batch_size=2)
+
+
+@pytest.mark.parametrize("make", VARIANTS, ids=IDS)
+def test_convert_batchnorm_round_trips_every_variant(make) -> None:
+    layer = _trained(make)
+    x = _input(layer)
+    expected = layer(x)
+    copy = convert_batchnorm(layer, type(layer))
+    assert copy is not layer and type(copy) is type(layer)
+    assert nlnn.describe(copy).config == nlnn.describe(layer).config
+    torch.testing.assert_close(copy(x), expected)
+
+
+def test_bias_false_like_torch_2_13() -> None:
+    ours, ref = nlnn.BatchNorm2d(4, bias=False), nn.BatchNorm2d(4, bias=False)
+    assert ours.bias is None and "bias=False" in repr(ours)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    ref(torch.randn(8, 4, 3, 3))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(ours(x), ref(xr))
+    ours(x).sum().backward(), ref(xr).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    assert nlnn.BatchNormAct2d(4, bias=False)(torch.randn(2, 4, 2, 2)).shape == (2, 4, 2, 2)
+
+
+def test_fx_quantization_preparation_traces_normlab_layers() -> None:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nlnn.BatchNormAct2d(4), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    prepared = prepare_fx(model, get_default_qconfig_mapping(), example_inputs=(x,))
+    torch.testing.assert_close(prepared(x), model(x))

@@ -3,9 +3,12 @@
 Suites (each ``BenchOptions -> list[Case]``):
 
 * ``batchnorm`` — ``normlab.nn.BatchNorm*`` vs ``torch.nn.BatchNorm*`` on the
-  ResNet-50 stage shapes at batch 32, plus ``(N, C, L)`` and ``(N, F)``; NCHW and
-  channels_last; fp32 and bf16; train fwd, train fwd+bwd, eval fwd.
-* ``act`` — BN + leaky ReLU as one fused op vs torch ``BatchNorm2d`` + ``LeakyReLU``.
+  ResNet-50 stage shapes at batch 32 (224 px input: ~100 MB fp32 tensors, far outside the
+  caches), the same at half the spatial size (3–25 MB, where the caches start to matter),
+  two sub-millisecond shapes (where fixed costs rule), plus ``(N, C, L)`` and ``(N, F)``;
+  NCHW and channels_last; fp32 and bf16; train fwd, train fwd+bwd, eval fwd.
+* ``act`` — ``BatchNormAct2d`` vs torch ``BatchNorm2d`` + the same activation
+  (leaky ReLU, ReLU, SiLU).
 * ``variants`` — Renorm / Ghost vs normlab's own ``BatchNorm2d``.
 """
 
@@ -40,6 +43,9 @@ RESNET50_SHAPES: list[Shape] = [
     (32, 1024, 14, 14),
     (32, 2048, 7, 7),
 ]
+# one halving of the spatial size: tensors of 3-25 MB
+MID_SHAPES: list[Shape] = [(32, 64, 56, 56), (32, 256, 28, 28), (32, 512, 14, 14), (32, 1024, 7, 7)]
+TINY_SHAPES: list[Shape] = [(8, 64, 14, 14), (4, 32, 8, 8)]  # sub-millisecond: fixed costs
 _EXTRA_SHAPES: list[Shape] = [(32, 256, 784), (4096, 1024)]  # (N, C, L), (N, F)
 _QUICK_SHAPES: list[Shape] = [(16, 64, 56, 56), (16, 512, 14, 14), (32, 128, 256), (1024, 512)]
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -77,7 +83,11 @@ def _label(shape: Shape, layout: str, dtype: torch.dtype) -> str:
 def configs(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Config]:
     """(shape, layout, dtype) triples: every 4-D shape in both layouts, every shape in fp32 and bf16."""
     if shapes is None:
-        shapes = _QUICK_SHAPES if options.quick else [*RESNET50_SHAPES, *_EXTRA_SHAPES]
+        shapes = (
+            _QUICK_SHAPES
+            if options.quick
+            else [*RESNET50_SHAPES, *MID_SHAPES, *TINY_SHAPES, *_EXTRA_SHAPES]
+        )
     out: list[Config] = []
     for dtype in _DTYPES:
         for shape in shapes:
@@ -158,20 +168,26 @@ def bn_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> li
     return cases
 
 
-def _bn_act(channels: int, negative_slope: float) -> torch.nn.Module:
-    return nlnn.BatchNormAct2d(channels, activation="leaky_relu", negative_slope=negative_slope)
+ACTIVATIONS: dict[str, Callable[[], torch.nn.Module]] = {
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
+    "relu": torch.nn.ReLU,
+    "silu": torch.nn.SiLU,
+}
 
 
 def act_cases(options: BenchOptions, shapes: Sequence[Shape] | None = None) -> list[Case]:
-    """BN + LeakyReLU(0.01): normlab's fused layer vs torch ``BatchNorm2d`` + ``LeakyReLU``."""
+    """``BatchNormAct2d`` vs torch ``BatchNorm2d`` + the same activation, per activation."""
     cases: list[Case] = []
+    activations = ["leaky_relu"] if options.quick else list(ACTIVATIONS)
     for shape, layout, dtype in configs(options, shapes):
         if len(shape) != 4:
             continue
         x = make_input(shape, layout, dtype)
-        ref = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), torch.nn.LeakyReLU(0.01))
-        ours = _bn_act(shape[1], 0.01)
-        cases += module_cases("act", _label(shape, layout, dtype), ref, ours, x)
+        for activation in activations:
+            ref = torch.nn.Sequential(torch.nn.BatchNorm2d(shape[1]), ACTIVATIONS[activation]())
+            ours = nlnn.BatchNormAct2d(shape[1], activation=activation, backend=options.backend)
+            label = f"{activation} {_label(shape, layout, dtype)}"
+            cases += module_cases("act", label, ref, ours, x)
     return cases
 
 

@@ -7,24 +7,13 @@ state (:func:`batch_norm_layer`) live here; :mod:`normlab.nn` holds parameters a
 
 from ._activation import ACTIVATIONS, Activation, make_activation
 from ._backend import BACKENDS, Backend, BatchNormKernel, register_kernel, resolve_kernel
-from ._batch_norm import (
-    NONFINITE,
-    SINGLE_SAMPLE,
-    LayerSpec,
-    NonFinite,
-    Ramp,
-    batch_norm,
-    batch_norm_layer,
-    batch_norm_train,
-    check_batch_size,
-    ghost_chunks,
-    nonfinite_channels,
-    renorm_correction,
-    update_running_stats_,
-)
+from ._batch_norm import batch_norm, batch_norm_train
+from ._layer import SINGLE_SAMPLE, LayerSpec, batch_norm_layer, check_batch_size
 from ._reference import ReferenceKernel, channel_view, normalize
+from ._running import NONFINITE, NonFinite, nonfinite_channels, update_running_stats_
 from ._stats import accumulation_dtype, batch_norm_stats, merge_stats, reduce_dims
 from ._train import Correction, Plan, Reducer
+from ._variants import Ramp, ghost_chunks, renorm_correction
 
 __all__ = [
     "ACTIVATIONS",

@@ -71,6 +71,16 @@ class Activation(NamedTuple):
         """
         return self.name in ("identity", "elu") or (self.name == "leaky_relu" and self.param > 0)
 
+    def module(self) -> torch.nn.Module:
+        """The ``torch.nn`` module that computes ``f`` (what removing the batch norm leaves)."""
+        name, p = self.name, self.param
+        if name == "leaky_relu":
+            return torch.nn.LeakyReLU(p)
+        if name == "elu":
+            return torch.nn.ELU(p)
+        modules = {"relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "gelu": torch.nn.GELU}
+        return modules.get(name, torch.nn.Identity)()
+
     def forward(self, z: Tensor, *, inplace: bool = False) -> Tensor:
         """``f(z)``.
 

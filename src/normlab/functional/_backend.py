@@ -298,20 +298,14 @@ def register_kernel(name: str, kernel: BatchNormKernel) -> None:
     _KERNELS[name] = kernel
 
 
-def _under_functorch(x: Tensor) -> bool:
-    if (
-        torch.compiler.is_compiling()
-    ):  # dynamo cannot trace the check; compiled graphs are not vmapped
-        return False
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
-
-
 def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
-    if x.device.type != "cpu" or not FusedKernel.serves_input(x):
+    if not variant and x.numel() < FUSED_MIN_NUMEL:  # the common small case, decided first
+        return False
+    if not FusedKernel.serves_input(x):
         return False
     if variant:  # the layer pays for a Python autograd.Function either way
         return fused_available()
-    if x.dtype not in _FUSED_AUTO_DTYPES or x.numel() < FUSED_MIN_NUMEL:
+    if x.dtype not in _FUSED_AUTO_DTYPES:
         return False
     nchw_bf16 = x.dtype == torch.bfloat16 and x.dim() > 2 and x.is_contiguous()  # (N, C, S)
     if nchw_bf16 and x.numel() // (x.shape[0] * x.shape[1]) < FUSED_BF16_MIN_SPATIAL:
@@ -320,7 +314,12 @@ def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
 
 
 def resolve_kernel(
-    backend: str, x: Tensor, *, mask: Tensor | None = None, variant: bool = False
+    backend: str,
+    x: Tensor,
+    *,
+    mask: Tensor | None = None,
+    variant: bool = False,
+    differentiable: bool = False,
 ) -> BatchNormKernel:
     """The kernel for ``backend`` and this input — the one place a backend is chosen.
 
@@ -330,6 +329,10 @@ def resolve_kernel(
     kernels for CPU input they serve when they are built and either the input is large
     (fp32/bf16, ``FUSED_MIN_NUMEL`` elements) or ``variant`` (the call runs normlab's
     autograd Function anyway: an activation, chunks, a correction); else ``native``.
+
+    ``differentiable``: the call needs a kernel whose ``forward_eval`` autograd can
+    differentiate (eval with gradients, e.g. fine-tuning with frozen statistics): the fused
+    kernels' is not, so ATen's — the same affine map — serves instead, ``"fused"`` included.
 
     An explicit backend that cannot serve the call raises: ``"fused"`` when the kernels
     cannot be built or loaded (:class:`~normlab.kernels.KernelError`, with the reason) or
@@ -345,6 +348,8 @@ def resolve_kernel(
         Valid positions.
     variant : bool
         The call needs normlab's training Function anyway (activation, chunks, correction).
+    differentiable : bool
+        The call needs an eval forward that autograd can differentiate (see above).
 
     Returns
     -------
@@ -368,19 +373,28 @@ def resolve_kernel(
     >>> resolve_kernel("auto", x).name           # small plain input: ATen
     'native'
     """
+    kernel = _resolve(backend, x, mask, variant)
+    if differentiable and not kernel.differentiable and kernel.name != "reference":
+        return _KERNELS["native"]
+    return kernel
+
+
+def _resolve(backend: str, x: Tensor, mask: Tensor | None, variant: bool) -> BatchNormKernel:
+    if backend == "auto":
+        if mask is not None:
+            return _KERNELS["reference"]
+        if (
+            torch.compiler.is_compiling()
+        ):  # compiled graphs are not vmapped; dynamo cannot trace the check below
+            return _KERNELS["native"]
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad need pure ops
+            return _KERNELS["reference"]
+        return _KERNELS["fused" if _auto_prefers_fused(x, variant) else "native"]
     check_choice(backend, "backend", ("auto", *_KERNELS))
     if backend == "reference":
         return _KERNELS["reference"]
     if mask is not None:
-        if backend == "auto":
-            return _KERNELS["reference"]
         raise ValueError(f"backend={backend!r} does not support mask; use 'auto' or 'reference'")
-    if backend == "auto":
-        if _under_functorch(x):
-            return _KERNELS["reference"]
-        if torch.compiler.is_compiling():
-            return _KERNELS["native"]
-        return _KERNELS["fused" if _auto_prefers_fused(x, variant) else "native"]
     if backend == "fused":
         require_fused()
         if not FusedKernel.serves_input(x):

@@ -23,6 +23,7 @@ __all__ = [
     "check_eps",
     "check_finite",
     "check_input",
+    "check_mask",
     "check_momentum",
     "check_num_features",
     "check_positive",
@@ -130,3 +131,25 @@ def check_channels(
                 f"{name} is on {t.device} but the input is on {device}; move the layer with "
                 f".to({str(device)!r})"
             )
+
+
+def check_mask(
+    input: Tensor, mask: Any, channel_axis: int = 1, *, per_channel: bool = False
+) -> Tensor:
+    """A bool mask with the input's shape without its channel axis (or, with ``per_channel``,
+    the input's own shape), on the input's device; returned with the input's number of
+    dimensions (the channel axis of size 1 unless per-channel)."""
+    ca = channel_axis % input.dim()
+    expected = tuple(input.shape[:ca] + input.shape[ca + 1 :])
+    shape = tuple(mask.shape) if isinstance(mask, Tensor) else None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor, got {got}")
+    if shape != expected and not (per_channel and shape == tuple(input.shape)):
+        raise ValueError(
+            "mask must be a bool tensor with the input's shape without its channel axis, "
+            f"expected {expected}, got {shape}"
+        )
+    if mask.device != input.device:
+        raise RuntimeError(f"mask is on {mask.device} but the input is on {input.device}")
+    return mask if shape == tuple(input.shape) else mask.unsqueeze(ca)

@@ -1,7 +1,9 @@
 """Per-channel batch statistics and their exact merge: the one place statistics are computed.
 
-Everything that needs a mean and a variance — BatchNorm, SyncBN, Ghost BN, the
-Standardizer — goes through :func:`batch_norm_stats` and :func:`merge_stats`.
+Everything in torch that needs a mean and a variance — BatchNorm's reference kernel,
+SyncBN, masked batches, the Standardizer on accelerators — goes through
+:func:`batch_norm_stats` and :func:`merge_stats`. (The Standardizer's CPU path keeps its
+statistics in single-threaded numpy, for a measured reason written in its module.)
 
 Conventions (the numerics contract of ``DESIGN.md``):
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ._checks import check_mask
 
 __all__ = ["accumulation_dtype", "batch_norm_stats", "merge_stats", "reduce_dims"]
 
@@ -86,27 +90,6 @@ def reduce_dims(ndim: int, channel_axis: int) -> list[int]:
     return [d for d in range(ndim) if d != ca]
 
 
-def _check_mask(input: Tensor, mask: Tensor, channel_axis: int) -> Tensor:
-    """Validate ``mask`` and give it the input's number of dimensions.
-
-    The mask is the input's shape without the channel axis (one validity per
-    position, shared by all channels), or the input's full shape (per-channel
-    validity, e.g. NaNs in some features only).
-    """
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    if tuple(mask.shape) == tuple(input.shape):
-        return mask
-    ca = channel_axis % input.dim()
-    expected = input.shape[:ca] + input.shape[ca + 1 :]
-    if tuple(mask.shape) != tuple(expected):
-        raise ValueError(
-            f"mask must have the input's shape without its channel axis, "
-            f"expected {tuple(expected)}, got {tuple(mask.shape)}"
-        )
-    return mask.unsqueeze(ca)
-
-
 def batch_norm_stats(
     input: Tensor,
     *,
@@ -167,7 +150,7 @@ def batch_norm_stats(
         mean = x.mean(dim=dims, keepdim=True)  # (1, C, 1, ...)
         var = (x - mean).square_().mean(dim=dims)
         return mean.flatten(), var, count
-    m = _check_mask(input, mask, channel_axis)
+    m = check_mask(input, mask, channel_axis, per_channel=True)
     count = m.sum(dim=dims, dtype=acc).expand(channels).clone()  # (C,)
     safe = count.clamp(min=1)
     shape = [1] * input.dim()

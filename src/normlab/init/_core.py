@@ -105,6 +105,7 @@ def variance_scaling_(
         The distribution drawn from.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -164,6 +165,7 @@ def xavier_uniform_(
         Multiplies the standard deviation.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -195,6 +197,7 @@ def xavier_normal_(
         Multiplies the standard deviation.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -235,6 +238,7 @@ def kaiming_uniform_(
         The activation after the layer (:func:`calculate_gain`'s names).
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -277,6 +281,7 @@ def kaiming_normal_(
         The activation after the layer (:func:`calculate_gain`'s names).
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -306,6 +311,7 @@ def lecun_uniform_(tensor: Tensor, *, generator: torch.Generator | None = None) 
         place.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -333,6 +339,7 @@ def lecun_normal_(tensor: Tensor, *, generator: torch.Generator | None = None) -
         place.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -365,6 +372,7 @@ def normal_(
         The standard deviation.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -407,6 +415,7 @@ def trunc_normal_(
         The upper bound.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -429,6 +438,8 @@ def orthogonal_(
 ) -> Tensor:
     """Saxe et al. 2014: a (semi-)orthogonal matrix times ``gain`` — as ``torch.nn.init.orthogonal_``.
 
+    float16/bfloat16 tensors get the float32 matrix rounded (torch's QR has no 16-bit CPU kernel).
+
     Parameters
     ----------
     tensor : Tensor
@@ -437,6 +448,7 @@ def orthogonal_(
         Multiplies the matrix.
     generator : torch.Generator, optional
         The random source (default: torch's global one).
+
     Returns
     -------
     Tensor
@@ -451,6 +463,10 @@ def orthogonal_(
     >>> torch.allclose(w.T @ w, torch.eye(300), atol=1e-4)     # orthonormal columns
     True
     """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        with torch.no_grad():
+            full = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+            return tensor.copy_(torch.nn.init.orthogonal_(full, gain, generator=generator))
     return torch.nn.init.orthogonal_(tensor, gain, generator=generator)
 
 

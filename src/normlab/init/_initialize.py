@@ -7,6 +7,7 @@ module order, else the layer counts as linear.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from .._table import render_table
 from ._core import kaiming_normal_, lecun_normal_, normal_, orthogonal_, xavier_uniform_
 from ._gain import calculate_gain
 
-__all__ = ["SCHEMES", "InitReport", "find_activations", "initialize"]
+__all__ = ["SCHEMES", "InitReport", "find_activations", "initialize", "require_materialized"]
 
 SCHEMES = ("auto", "he", "xavier", "lecun", "orthogonal", "normal")
 _LAYERS = (
@@ -80,6 +81,17 @@ _TRANSPARENT_MODULES = (
 _TRANSPARENT_CALLS = {torch.flatten, torch.reshape, nn.functional.dropout, nn.functional.max_pool2d}
 _TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose"}
 _RELU_FAMILY = ("relu", "leaky_relu", "gelu", "silu", "mish", "elu", "softplus")
+
+
+def require_materialized(layers: list[tuple[str, nn.Module]], caller: str) -> None:
+    """Raise before any change if a layer still has lazy (uninitialized) parameters."""
+    for name, m in layers:
+        for pname, p in m.named_parameters(recurse=False):
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"{caller}: layer {name!r} has an uninitialized (lazy) parameter {pname!r}: "
+                    "run the model once on a batch first to materialize it (nothing was changed)"
+                )
 
 
 def _activation_of_node(
@@ -313,6 +325,11 @@ def _residual_norms(model: nn.Module) -> list[str]:
     return found
 
 
+def _std(w: torch.Tensor) -> float:
+    """The weight's std for the report (NaN for fewer than two values, without torch's warning)."""
+    return float(w.float().std()) if w.numel() > 1 else math.nan
+
+
 @torch.no_grad()
 def initialize(
     model: nn.Module,
@@ -362,6 +379,10 @@ def initialize(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    require_materialized(
+        [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS) or is_norm_layer(m)],
+        "initialize",
+    )
     acts, method = find_activations(model)
     report = InitReport(method)
     for name, m in model.named_modules():
@@ -371,9 +392,7 @@ def initialize(
             gain = _init_weight(m.weight, chosen, act, param, generator)
             if m.bias is not None:
                 m.bias.zero_()
-            report.rows.append(
-                (name, tuple(m.weight.shape), chosen, act, gain, float(m.weight.std()))
-            )
+            report.rows.append((name, tuple(m.weight.shape), chosen, act, gain, _std(m.weight)))
         elif is_norm_layer(m) and getattr(m, "weight", None) is not None:
             m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:

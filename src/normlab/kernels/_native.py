@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._build import load_fused
 
 __all__ = ["NativeKernel"]
 
@@ -87,15 +90,46 @@ class NativeKernel:
         bias: Tensor | None,
         running_mean: Tensor,
         running_var: Tensor,
-        momentum: float,
+        num_batches_tracked: Tensor | None,
+        momentum: float | None,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One ATen call normalizes ``x`` and moves the given running buffers (in place, torch's
-        update); returns ``(y, mean, invstd)``. The hot path of plain batch norm."""
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
+        *,
+        skip: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One ATen call normalizes ``x`` and moves the given running buffers in place (torch's
+        update, ``momentum=None``: the cumulative average), counting the batch in
+        ``num_batches_tracked``: ``(y, mean, invstd, restored)``. The hot path of plain batch norm.
+
+        ``skip``: channels whose batch statistics are not finite get their previous running
+        statistics back (``restored`` of them; the batch counts when any channel moved). On CPU
+        with the compiled kernels all of it is one C++ call (``aten_train``: no extra tensor
+        op); elsewhere the buffers are backed up and restored here.
+        """
+        aten_train = _aten_train()
+        if aten_train is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
+            result: tuple[Tensor, Tensor, Tensor, int] = aten_train(
+                x, weight, bias, running_mean, running_var, num_batches_tracked,
+                -1.0 if momentum is None else momentum, eps, skip,
+            )  # fmt: skip
+            return result
+        if momentum is None:
+            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
+            momentum = 1.0 / float(num_batches_tracked + 1)
+        if skip:
+            old_mean, old_var = running_mean.clone(), running_var.clone()
+        y, mean, invstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        return y, mean, invstd
+        restored = 0
+        if skip:
+            ok = torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0)
+            restored = int((~ok).sum())
+            if restored:  # .data: a raw write, as in C++ (the training backward never reads it)
+                running_mean.data.copy_(torch.where(ok, running_mean, old_mean))
+                running_var.data.copy_(torch.where(ok, running_var, old_var))
+        if num_batches_tracked is not None and restored < x.shape[1]:
+            num_batches_tracked.add_(1)
+        return y, mean, invstd, restored
 
     @staticmethod
     def backward_train(
@@ -157,7 +191,7 @@ class NativeKernel:
     ) -> Tensor:
         """Normalize with given statistics through ``torch.batch_norm`` (differentiable, exportable)."""
         assert act is None, "composed by normlab.functional"
-        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True)
 
     @staticmethod
     def invert(
@@ -170,6 +204,13 @@ class NativeKernel:
     ) -> Tensor | None:
         """ATen has no inverse: the reference's serves."""
         return None
+
+
+@functools.cache
+def _aten_train() -> Any:
+    """The compiled ``aten_train`` (a pybind function) when the kernels are built, else None."""
+    fused = load_fused()
+    return None if fused is None else fused.module.aten_train
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -29,8 +29,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/native_batch_norm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with the at::Tensor caster (lighter than torch/extension.h)
 #include <torch/library.h>
 
 #include <array>
@@ -993,6 +995,83 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
   return y;
 }
 
+// ====================== ATen's training batch norm, guarding the running statistics ======================
+// Plain batch norm on small inputs, where fixed costs rule: one pybind call from Python (a
+// torch.ops call costs ~15 µs of boxing). ATen's native_batch_norm — its kernels, its autograd —
+// normalizes and moves the running buffers in place, exactly as torch does. With `skip`, a
+// channel whose batch statistics are not finite (mean NaN/Inf; invstd NaN, or 0 for var = Inf)
+// gets its previous running statistics back. The restore, like the counter's increment, is a
+// raw write that autograd does not see: native_batch_norm's training backward never reads the
+// running buffers. momentum < 0 is the cumulative average 1/(num_batches_tracked + 1).
+// Returns y, the batch mean and invstd, and how many channels were restored.
+template <typename R>
+void backup(const Tensor& t, std::vector<double>& out) {
+  const R* p = t.data_ptr<R>();
+  out.resize(t.numel());
+  for (int64_t c = 0; c < t.numel(); ++c) out[c] = static_cast<double>(p[c]);
+}
+
+template <typename R>
+void restore(Tensor& t, const std::vector<double>& from, const std::vector<bool>& bad) {
+  R* p = t.data_ptr<R>();
+  for (size_t c = 0; c < bad.size(); ++c)
+    if (bad[c]) p[c] = static_cast<R>(from[c]);
+}
+
+std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias, Tensor running_mean,
+                                                       Tensor running_var, const std::optional<Tensor>& counter,
+                                                       double momentum, double eps, bool skip) {
+  check_input(input, "aten_train");
+  const int64_t C = input.size(1);
+  check_channels(running_mean, C, "running_mean");
+  check_channels(running_var, C, "running_var");
+  check_channels(weight, C, "weight");
+  check_channels(bias, C, "bias");
+  check_eps(eps);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_mean.scalar_type() == running_var.scalar_type(),
+              "normlab aten_train: running buffers must be contiguous and of one dtype");
+  int64_t* count = nullptr;
+  if (counter && counter->defined()) {
+    TORCH_CHECK(counter->device().is_cpu() && counter->scalar_type() == at::kLong && counter->numel() == 1,
+                "normlab aten_train: num_batches_tracked must be a CPU int64 scalar");
+    count = counter->data_ptr<int64_t>();
+  }
+  if (momentum < 0) {
+    TORCH_CHECK(count, "normlab aten_train: momentum=None needs num_batches_tracked");
+    momentum = 1.0 / static_cast<double>(*count + 1);
+  }
+  std::vector<double> old_mean, old_var;
+  if (skip) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_backup", [&] {
+      backup<scalar_t>(running_mean, old_mean);
+      backup<scalar_t>(running_var, old_var);
+    });
+  }
+  auto [y, mean, invstd] =
+      at::native_batch_norm(input, weight, bias, running_mean, running_var, true, momentum, eps);
+  int64_t restored = 0;
+  if (skip) {
+    const Tensor m = mean.to(at::kDouble).contiguous(), s = invstd.to(at::kDouble).contiguous();
+    const double* pm = m.data_ptr<double>();
+    const double* ps = s.data_ptr<double>();
+    std::vector<bool> bad(C, false);
+    for (int64_t c = 0; c < C; ++c) {
+      bad[c] = !(std::isfinite(pm[c]) && std::isfinite(ps[c]) && ps[c] > 0);
+      restored += bad[c];
+    }
+    if (restored) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_restore", [&] {
+        restore<scalar_t>(running_mean, old_mean, bad);
+        restore<scalar_t>(running_var, old_var, bad);
+      });
+    }
+  }
+  if (count && restored < C) *count += 1;  // the batch counts when any channel moved
+  return {y, mean, invstd, restored};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normlab_fused, m) {
@@ -1014,4 +1093,9 @@ TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
   m.impl("forward_eval", &forward_eval);
   m.impl("stats", &stats);
   m.impl("invert_act", &invert_act);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normlab's fused CPU batch norm (ops in torch.ops.normlab_fused; hot entry points here)";
+  m.def("aten_train", &aten_train, "ATen's training batch norm with guarded running statistics");
 }

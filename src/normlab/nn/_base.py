@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._norms import has_running_stats, is_batchnorm
@@ -232,8 +233,28 @@ class NormBase(_BatchNorm):
         return text
 
     # --- the forward: one function of the layer's state --------------------------------
+    #: the spec is built once and kept until a setting it holds changes (see __setattr__)
+    _CACHE_SPEC: ClassVar[bool] = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SPEC_ATTRIBUTES:
+            self.__dict__.pop("_spec_cache", None)
+        super().__setattr__(name, value)
+
     def _spec(self) -> LayerSpec:
-        """The settings as constants; variants add their fields in :meth:`_variant_spec`."""
+        """The settings as constants (cached); variants add fields in :meth:`_variant_spec`."""
+        spec: LayerSpec | None = self.__dict__.get("_spec_cache")
+        if (
+            spec is None
+            or spec.training is not self.training
+            or _symbolic_trace._is_fx_tracing_flag
+        ):
+            spec = self._build_spec()
+            if type(self)._CACHE_SPEC:
+                self.__dict__["_spec_cache"] = spec
+        return spec
+
+    def _build_spec(self) -> LayerSpec:
         return LayerSpec(
             name=f"{type(self).__name__}({self.num_features})",
             num_features=self.num_features,
@@ -276,7 +297,7 @@ class NormBase(_BatchNorm):
         >>> y[..., :2].mean().abs().item() < 1e-5      # zero mean over the valid positions
         True
         """
-        if not self._buffers_checked and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        if not self._buffers_checked and not _fx_tracing():  # once
             self._buffers_checked = True
             self._report_nonfinite_buffers("in use")
         use_buffers = not self.training or self.track_running_stats
@@ -399,6 +420,32 @@ class ActivationOptions:
             "elu": f", alpha={self.alpha:g}",
         }
         return f", activation={self.activation!r}" + detail.get(self.activation, "")
+
+
+# the attributes a LayerSpec is built from: setting one drops the cached spec
+_SPEC_ATTRIBUTES = frozenset(
+    {
+        "training",
+        "num_features",
+        "eps",
+        "momentum",
+        "nonfinite",
+        "single_sample",
+        "backend",
+        "channel_axis",
+        "activation",
+        "negative_slope",
+        "alpha",
+        "r_max",
+        "d_max",
+        "virtual_batch_size",
+    }
+)
+
+
+def _fx_tracing() -> bool:
+    # the flag itself: is_fx_symbolic_tracing() adds two calls to every forward
+    return torch.fx._symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling()
 
 
 def _concrete(t: Tensor | None) -> bool:

@@ -91,6 +91,8 @@ class BatchNorm2d(NormBase):
         A training batch with one value per channel: see :class:`NormBase`.
     backend : {"auto", "reference", "native", "fused"}
         The kernel; see :func:`normlab.functional.batch_norm`.
+    channel_axis : {1}
+        Must be 1 here (``-1``, channels last, is for ``BatchNorm1d``'s sequences).
 
     Examples
     --------
@@ -137,6 +139,8 @@ class BatchNorm3d(NormBase):
         A training batch with one value per channel: see :class:`NormBase`.
     backend : {"auto", "reference", "native", "fused"}
         The kernel; see :func:`normlab.functional.batch_norm`.
+    channel_axis : {1}
+        Must be 1 here (``-1``, channels last, is for ``BatchNorm1d``'s sequences).
 
     Examples
     --------

@@ -117,6 +117,7 @@ class SyncBatchNorm(ActivationOptions, NormBase):
 
     kind = "sync"
     spatial = None
+    _CACHE_SPEC = False  # the reducer depends on the process group's state at each call
     OPTIONS: ClassVar[dict[str, Any]] = {**NormBase.OPTIONS, **ActivationOptions.ACTIVATION_OPTIONS}
 
     def __init__(

@@ -204,3 +204,15 @@ def test_audit_reports_a_failing_example() -> None:
     report = audit_batchnorm(model, torch.randn(2, 5, 5, 5))
     assert report.codes() == {"example-failed"}
     assert report[0].problem.startswith("the example forward raised RuntimeError")
+
+
+def test_remove_keeps_a_fused_activation() -> None:
+    """A BatchNormAct loses its normalization, not its activation (it used to vanish whole)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nlnn.BatchNormAct2d(4, negative_slope=0.2), nn.Flatten()
+    )
+    remove_batchnorm(model)
+    assert isinstance(model[1], nn.LeakyReLU) and model[1].negative_slope == 0.2
+    assert model[0].bias is not None
+    single = remove_batchnorm(nlnn.BatchNormAct1d(3, activation="silu"))
+    assert isinstance(single, nn.SiLU)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ...functional import Activation
 from .._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._common import CONV_TYPES, is_batchnorm
 
@@ -155,6 +156,8 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
     Inside ``nn.Sequential`` containers (any depth) BatchNorm children are
     dropped, and a Conv*/Linear directly before one that has no bias gets a
     trainable zero bias back; a BatchNorm anywhere else becomes ``nn.Identity``.
+    A batch norm with a fused activation (``BatchNormAct*``, or a Sync/Frozen layer with
+    ``activation``) leaves its activation module in its place.
 
     Parameters
     ----------
@@ -164,7 +167,8 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
     Returns
     -------
     nn.Module
-        ``model``, or ``nn.Identity()`` if ``model`` is itself a BatchNorm.
+        ``model``, or what replaces ``model`` if it is itself a BatchNorm (``nn.Identity()``,
+        or its activation module).
 
     Examples
     --------
@@ -177,7 +181,7 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
     )
     """
     if is_batchnorm(model):
-        return nn.Identity()
+        return _leftover(model) or nn.Identity()
     for seq in _sequentials(model):
         items: list[tuple[str | None, nn.Module]] = []
         for name, module in seq._modules.items():
@@ -188,6 +192,9 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
                     assert isinstance(weight, torch.Tensor)
                     channels = _layer_info(prev)[1]
                     prev.bias = nn.Parameter(weight.new_zeros(channels))
+                act = _leftover(module)
+                if act is not None:
+                    items.append((name, act))
                 continue
             assert module is not None
             items.append((name, module))
@@ -195,5 +202,11 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if is_batchnorm(child):
-                setattr(parent, name, nn.Identity())
+                setattr(parent, name, _leftover(child) or nn.Identity())
     return model
+
+
+def _leftover(bn: nn.Module) -> nn.Module | None:
+    """The activation module a batch norm with a fused activation leaves behind, else None."""
+    act = getattr(bn, "act", None)
+    return act.module() if isinstance(act, Activation) and act.name != "identity" else None
