@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import normlab
 from normlab.bench import (
     BenchOptions,
     Result,
@@ -59,20 +60,24 @@ def test_full_config_has_resnet50_stages() -> None:
 
 
 def test_act_and_variant_cases_run() -> None:
-    act = _bn.act_cases(TINY, shapes=[(4, 3, 6, 5)])
-    assert {c.name for c in act} == {"(4, 3, 6, 5) NCHW fp32", "(4, 3, 6, 5) NHWC fp32"} | {
-        "(4, 3, 6, 5) NCHW bf16",
-        "(4, 3, 6, 5) NHWC bf16",
+    act = _bn.act_cases(TINY, shapes=[(4, 3, 6, 5)])  # quick: leaky_relu only
+    assert {c.name for c in act} == {
+        f"leaky_relu (4, 3, 6, 5) {layout} {dtype}"
+        for layout in ("NCHW", "NHWC")
+        for dtype in ("fp32", "bf16")
     }
+    full = _bn.act_cases(BenchOptions(quick=False, repeats=3), shapes=[(4, 3, 6, 5)])
+    assert {c.name.split()[0] for c in full} == {"leaky_relu", "relu", "silu"}
     _check_sane(run_cases(act[:3], TINY))
     variants = _bn.variant_cases(TINY, shapes=[(4, 3, 6, 5)])
     assert all(c.baseline_label == "normlab BN" for c in variants)
 
 
-def test_bench_bn_act_module_matches_torch() -> None:
+@pytest.mark.parametrize("activation", list(_bn.ACTIVATIONS))
+def test_bench_bn_act_module_matches_torch(activation: str) -> None:
     x = torch.randn(4, 3, 6, 5)
-    ours = _bn._bn_act(3, 0.01)
-    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.LeakyReLU(0.01))
+    ours = normlab.nn.BatchNormAct2d(3, activation=activation)
+    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(3), _bn.ACTIVATIONS[activation]())
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref[0].running_var)
     ours.eval()

@@ -207,14 +207,6 @@ def batch_norm_layer(
     check_input(input, what=spec.name, ndims=spec.ndims)
     moved = spec.channel_axis != 1 and input.dim() > 2
     x = input.movedim(spec.channel_axis, 1) if moved else input  # (N, C, *)
-    check_channels(
-        x.shape[1],
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-        device=x.device,
-    )
     y = _forward(x, mask, running_mean, running_var, num_batches_tracked, weight, bias, spec)
     return y.movedim(1, spec.channel_axis) if moved else y
 
@@ -230,9 +222,34 @@ def _forward(
     spec: LayerSpec,
 ) -> Tensor:
     has_running = running_mean is not None and running_var is not None
+    tracking = spec.training and has_running
+    aten = (  # plain batch norm moving running statistics: ATen's hot path (checks in C++)
+        tracking
+        and mask is None
+        and spec.act is None
+        and not spec.virtual_batch_size
+        and spec.renorm is None
+        and spec.reducer is None
+        and not spec.save_output
+        and spec.unbiased_running_var
+    )
+    if aten and x.numel() > x.shape[1] and not torch.compiler.is_compiling():
+        assert running_mean is not None and running_var is not None
+        kernel = resolve_kernel(spec.backend, x)
+        if kernel.name == "native" and running_mean.device.type == "cpu":
+            return _aten_train(
+                x, running_mean, running_var, num_batches_tracked, weight, bias, spec, host=True
+            )
+    check_channels(
+        x.shape[1],
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+        device=x.device,
+    )
     if not spec.training and has_running:
         return _eval(x, mask, running_mean, running_var, weight, bias, spec)  # type: ignore[arg-type]
-    tracking = spec.training and has_running
     if spec.reducer is None:  # SyncBN counts across processes (a rank may hold no sample)
         try:
             n = check_batch_size(x, mask)
@@ -264,10 +281,12 @@ def _forward(
     kernel = resolve_kernel(
         spec.backend, x, mask=mask, variant=not plain or spec.reducer is not None
     )
-    aten = plain and spec.reducer is None and mask is None and spec.unbiased_running_var
-    if tracking and aten and kernel.name == "native":
+    if aten and kernel.name == "native":
         assert running_mean is not None and running_var is not None
-        return _aten_train(x, running_mean, running_var, num_batches_tracked, weight, bias, spec)
+        host = _on_host(running_mean)
+        return _aten_train(
+            x, running_mean, running_var, num_batches_tracked, weight, bias, spec, host=host
+        )
     plan = Plan(kernel, spec.eps, spec.act, chunks, correction, spec.reducer, spec.save_output)
     result = train(x, weight, bias, plan, mask)
     if tracking:
@@ -325,14 +344,26 @@ def _aten_train(
     weight: Tensor | None,
     bias: Tensor | None,
     spec: LayerSpec,
+    *,
+    host: bool,
 ) -> Tensor:
     """Plain batch norm on ATen: one call normalizes, moves the running statistics and counts
     the batch (:meth:`NativeKernel.train_and_update`). ``"propagate"`` is torch's own update,
-    ``"skip"`` on CPU restores the channels whose batch statistics are not finite inside that
-    call. Otherwise ATen updates copies, committed per channel (a buffer must not change in
-    place after autograd saved it)."""
+    ``"skip"`` on the host (CPU, eager) restores the channels whose batch statistics are not
+    finite inside that call. Otherwise ATen updates copies, committed per channel (a buffer
+    must not change in place after autograd saved it). ATen does not check the channels of
+    the tensors it is given: the compiled call does, in C++; otherwise they are checked here."""
+    if not (host and NativeKernel.checks_channels()):
+        check_channels(
+            x.shape[1],
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
+            device=x.device,
+        )
     policy = spec.nonfinite
-    if policy == "propagate" or (policy == "skip" and _on_host(running_mean)):
+    if policy == "propagate" or (policy == "skip" and host):
         y, mean, invstd, restored = NativeKernel.train_and_update(
             x, weight, bias, running_mean, running_var, num_batches_tracked, spec.momentum,
             spec.eps, skip=policy == "skip",

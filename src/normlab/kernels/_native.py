@@ -84,6 +84,13 @@ class NativeKernel:
         return y, mean, var, invstd
 
     @staticmethod
+    def checks_channels() -> bool:
+        """Whether :meth:`train_and_update` on CPU checks every per-channel tensor against the
+        input's channels itself (the compiled call does; ATen's own ``native_batch_norm`` does
+        not, and would read out of bounds)."""
+        return _aten_train() is not None
+
+    @staticmethod
     def train_and_update(
         x: Tensor,
         weight: Tensor | None,

@@ -1053,12 +1053,14 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, cons
       at::native_batch_norm(input, weight, bias, running_mean, running_var, true, momentum, eps);
   int64_t restored = 0;
   if (skip) {
-    const Tensor m = mean.to(at::kDouble).contiguous(), s = invstd.to(at::kDouble).contiguous();
-    const double* pm = m.data_ptr<double>();
-    const double* ps = s.data_ptr<double>();
+    std::vector<double> m, s;  // raw reads, no tensor op: ATen's statistics are contiguous (C,)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mean.scalar_type(), "normlab_stats", [&] {
+      backup<scalar_t>(mean.contiguous(), m);
+      backup<scalar_t>(invstd.contiguous(), s);
+    });
     std::vector<bool> bad(C, false);
     for (int64_t c = 0; c < C; ++c) {
-      bad[c] = !(std::isfinite(pm[c]) && std::isfinite(ps[c]) && ps[c] > 0);
+      bad[c] = !(std::isfinite(m[c]) && std::isfinite(s[c]) && s[c] > 0);
       restored += bad[c];
     }
     if (restored) {
