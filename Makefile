@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.normlab-installed
 OUT     ?= runs
 
-.PHONY: setup demo test lint unit bench data clean
+.PHONY: setup demo test lint unit docs bench data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,10 +28,15 @@ lint: setup
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src
 
+# the tests, and every docstring's example as a doctest (testpaths: tests and src/normlab)
 unit: setup
 	$(BIN)/python -m pytest -q
 
-test: lint unit
+# the API reference (MkDocs + mkdocstrings) in build/site; --strict: a broken reference fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint unit docs
 
 bench: setup
 	$(BIN)/normlab bench

@@ -61,3 +61,11 @@ def test_python_dash_m_normlab_is_the_command() -> None:
         [sys.executable, "-m", "normlab", "--version"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.startswith("normlab ")
+
+
+def test_license_file_matches_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "the normlab authors" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text

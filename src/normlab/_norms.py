@@ -41,6 +41,15 @@ def is_batchnorm(module: nn.Module) -> bool:
     per sample, not per batch. Other modules are recognised by duck typing: a class name
     containing ``BatchNorm`` with tensor ``running_mean`` and ``running_var`` and an ``eps``.
 
+    Parameters
+    ----------
+    module : nn.Module
+        Any module.
+
+    Returns
+    -------
+    bool
+
     Examples
     --------
     >>> import torch, normlab
@@ -72,7 +81,46 @@ class NormLeafTracer(fx.Tracer):
 
     torch's own tracer does this for ``torch.nn`` layers only; normlab's layers trace by
     themselves too (as one ``call_function``), but model tools need to see the module.
+    Constructed as :class:`torch.fx.Tracer`; :meth:`is_leaf_module` is the only change.
+
+    Parameters
+    ----------
+    autowrap_modules : tuple of modules
+        As :class:`torch.fx.Tracer`.
+    autowrap_functions : tuple of callables
+        As :class:`torch.fx.Tracer`.
+    param_shapes_constant : bool
+        As :class:`torch.fx.Tracer`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> from normlab.nn.utils import NormLeafTracer
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), normlab.nn.BatchNorm1d(3))
+    >>> graph = NormLeafTracer().trace(model)
+    >>> [n.op for n in graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Whether ``m`` is recorded as one node: every normalization layer, and torch's leaves.
+
+        Parameters
+        ----------
+        m : nn.Module
+            The module met while tracing.
+        module_qualified_name : str
+            Its path in the model.
+
+        Returns
+        -------
+        bool
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.nn.utils import NormLeafTracer
+        >>> NormLeafTracer().is_leaf_module(torch.nn.GroupNorm(2, 4), "norm")
+        True
+        """
         return is_norm_layer(m) or super().is_leaf_module(m, module_qualified_name)

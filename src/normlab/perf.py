@@ -38,7 +38,27 @@ _INT_MAX = 2**31 - 1
 
 @dataclass(frozen=True)
 class AllocatorSettings:
-    """What :func:`tune_cpu_allocator` applied (``applied=False``: not glibc, nothing done)."""
+    """What :func:`tune_cpu_allocator` applied.
+
+    Parameters
+    ----------
+    applied : bool
+        ``False``: not glibc (or ``mallopt`` refused), nothing done.
+    trim_threshold : int
+        ``M_TRIM_THRESHOLD`` set.
+    top_pad : int
+        ``M_TOP_PAD`` set.
+    mmap_max : int
+        ``M_MMAP_MAX`` set.
+    reason : str
+        Why nothing was applied.
+
+    Examples
+    --------
+    >>> from normlab.perf import AllocatorSettings
+    >>> AllocatorSettings(False, reason="mallopt is glibc-only; platform is darwin").applied
+    False
+    """
 
     applied: bool
     trim_threshold: int = 0
@@ -52,17 +72,39 @@ def tune_cpu_allocator(
 ) -> AllocatorSettings:
     """Keep freed large blocks in the process (glibc ``mallopt``); returns what was applied.
 
-    Args:
-        trim_threshold: bytes of free heap top kept before ``malloc`` returns
-            memory to the OS (``M_TRIM_THRESHOLD``; default ``INT_MAX``).
-        top_pad: extra bytes requested from the OS on each heap growth
-            (``M_TOP_PAD``), so that growth happens in fewer, larger steps.
-        mmap_max: the most blocks served by ``mmap`` (``M_MMAP_MAX``); ``0`` puts
-            every allocation on the reusable heap.
-
     Process-wide and irreversible for the process, hence opt-in: call it once at
     the start of a training script (the lab and ``normlab bench`` do, unless told
     not to). On a non-glibc platform it does nothing and says why in the result.
+
+    Parameters
+    ----------
+    trim_threshold : int
+        Bytes of free heap top kept before ``malloc`` returns memory to the OS
+        (``M_TRIM_THRESHOLD``; default ``INT_MAX``).
+    top_pad : int
+        Extra bytes requested from the OS on each heap growth (``M_TOP_PAD``), so that
+        growth happens in fewer, larger steps.
+    mmap_max : int
+        The most blocks served by ``mmap`` (``M_MMAP_MAX``); ``0`` puts every allocation on
+        the reusable heap.
+
+    Returns
+    -------
+    AllocatorSettings
+        What was applied, or why nothing was.
+
+    Raises
+    ------
+    ValueError
+        A setting outside ``[0, INT_MAX]`` (checked before anything is applied).
+
+    Examples
+    --------
+    >>> from normlab.perf import tune_cpu_allocator
+    >>> settings = tune_cpu_allocator()          # doctest: +SKIP
+    >>> tune_cpu_allocator(top_pad=-1)           # nothing applied: the values are checked first
+    Traceback (most recent call last):
+    ValueError: top_pad must be in [0, 2147483647], got -1
     """
     for name, value in (
         ("trim_threshold", trim_threshold),

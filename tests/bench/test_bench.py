@@ -133,21 +133,12 @@ def test_cli_bench_tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "normlab eff" in result.output
+    assert result.output.count(" eff") == 2  # base and normlab efficiency (two-line headers)
     assert "geometric-mean ratio" in result.output
     payload = json.loads(out_json.read_text())
     assert payload["meta"]["allocator"] == "default"
     _check_sane([Result(**r) for r in payload["results"]])
     assert out_png.exists()
-
-
-def test_cli_rejects_unknown_suite_and_backend() -> None:
-    result = CliRunner().invoke(app, ["bench", "--suite", "nope"])
-    assert result.exit_code != 0
-    assert "unknown suite(s) ['nope']" in result.output
-    result = CliRunner().invoke(app, ["bench", "--backend", "fast"])
-    assert result.exit_code != 0
-    assert "unknown backend 'fast'" in result.output
 
 
 def test_allocator_child_process(tmp_path: Path) -> None:

@@ -90,6 +90,16 @@ class LayerGap:
         Worst channel's ratio of running to population variance (≥ 1, either way).
     batches : int
         Batches the layer saw.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.diagnostics import train_eval_gap
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> gap = train_eval_gap(model, [torch.randn(32, 4) + 3 for _ in range(4)])
+    >>> worst = gap[0]
+    >>> worst.layer, worst.type, worst.stats_gap > 0.5   # fresh running stats: far off
+    ('1', 'BatchNorm1d', True)
     """
 
     layer: str
@@ -101,6 +111,12 @@ class LayerGap:
     batches: int
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict.
+
+        Returns
+        -------
+        dict
+        """
         return asdict(self)
 
 
@@ -110,6 +126,27 @@ class TrainEvalGap:
 
     ``flagged`` lists the layers whose ``stats_gap`` exceeds ``threshold`` (in rank order),
     ready for ``recalibrate_batchnorm(model, data, layers=gap.flagged)``.
+
+    Parameters
+    ----------
+    layers : list of LayerGap
+        One entry per batch norm, ranked by ``output_gap``, worst first.
+    threshold : float
+        ``stats_gap`` above which a layer is flagged for recalibration (default 0.1).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.diagnostics import train_eval_gap
+    >>> from normlab.nn.utils import recalibrate_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> data = [torch.randn(32, 4) + 3 for _ in range(4)]
+    >>> gap = train_eval_gap(model, data)
+    >>> gap.flagged
+    ['1']
+    >>> _ = recalibrate_batchnorm(model, data, progress=False, layers=gap.flagged)
+    >>> train_eval_gap(model, data).flagged
+    []
     """
 
     layers: list[LayerGap] = field(default_factory=list)
@@ -117,6 +154,7 @@ class TrainEvalGap:
 
     @property
     def flagged(self) -> list[str]:
+        """The paths of the layers whose ``stats_gap`` exceeds ``threshold``, in rank order."""
         return [g.layer for g in self.layers if not g.stats_gap <= self.threshold]
 
     @overload

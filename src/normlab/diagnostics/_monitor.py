@@ -68,11 +68,41 @@ class LayerMonitor:
             for x, y in loader: ...
         print(monitor.summary()); monitor.to_csv("layers.csv"); monitor.plot("layers.png")
 
-    Args:
-        model: the model whose forward defines a step.
-        layers: module paths to monitor; default every leaf module.
-        every: record every ``every``-th step.
-        max_samples: quantile sample size per layer and step.
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose forward defines a step.
+    layers : iterable of str, optional
+        Module paths to monitor; default every leaf module.
+    every : int
+        Record every ``every``-th step.
+    max_samples : int
+        Quantile sample size per layer and step.
+
+    Attributes
+    ----------
+    records : list of dict
+        One row per recorded step and layer: ``step``, ``layer``, ``type`` and the metrics.
+
+    Raises
+    ------
+    ValueError
+        ``every`` or ``max_samples`` below 1, an unknown layer path, or no layer to monitor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from normlab.diagnostics import LayerMonitor
+    >>> model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with LayerMonitor(model, every=1) as monitor:
+    ...     for _ in range(3):
+    ...         opt.zero_grad()
+    ...         model(torch.randn(16, 10)).square().mean().backward()
+    ...         opt.step()
+    >>> len(monitor.records), sorted(monitor.records[0])[:4]
+    (9, ['dead', 'grad_norm', 'layer', 'mean'])
     """
 
     def __init__(
@@ -83,6 +113,7 @@ class LayerMonitor:
         *,
         max_samples: int = 1 << 20,
     ) -> None:
+        """Set up the monitor (the arguments are described in the class docstring)."""
         if every < 1:
             raise ValueError(f"every must be a positive integer, got {every}")
         if max_samples < 1:
@@ -123,7 +154,23 @@ class LayerMonitor:
         self.stop()
 
     def start(self) -> None:
-        """Register the hooks (``__enter__`` does this)."""
+        """Register the hooks (``__enter__`` does this).
+
+        Raises
+        ------
+        RuntimeError
+            The monitor is already started.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.diagnostics import LayerMonitor
+        >>> monitor = LayerMonitor(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> monitor.start(); monitor.active
+        True
+        >>> monitor.stop(); monitor.active
+        False
+        """
         if self._handles:
             raise RuntimeError("LayerMonitor is already started")
         self._handles.append(self.model.register_forward_pre_hook(self._on_step))
@@ -136,14 +183,14 @@ class LayerMonitor:
                     )
 
     def stop(self) -> None:
-        """Remove every hook (``__exit__`` does this)."""
+        """Remove every hook (``__exit__`` does this); see :meth:`start`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     @property
     def active(self) -> bool:
-        """Whether hooks are registered."""
+        """Whether hooks are registered; see :meth:`start`."""
         return bool(self._handles)
 
     # --- hooks -----------------------------------------------------------------
@@ -219,7 +266,28 @@ class LayerMonitor:
 
     # --- output ----------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
-        """Write :attr:`records` (columns ``step, layer, type, mean, …``) to ``path``."""
+        """Write :attr:`records` (columns ``step, layer, type, mean, …``) to ``path``.
+
+        Parameters
+        ----------
+        path : str or Path
+            The CSV file to write.
+
+        Returns
+        -------
+        Path
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from normlab.diagnostics import LayerMonitor
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> with LayerMonitor(model) as monitor:
+        ...     _ = model(torch.randn(4, 2))
+        >>> path = monitor.to_csv(tempfile.mkdtemp() + "/layers.csv")
+        >>> path.read_text().splitlines()[0][:22]
+        'step,layer,type,mean,s'
+        """
         path = Path(path)
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -228,7 +296,22 @@ class LayerMonitor:
         return path
 
     def summary(self) -> str:
-        """Per layer, the mean of each metric over the recorded steps (NaNs ignored), as a table."""
+        """Per layer, the mean of each metric over the recorded steps (NaNs ignored), as a table.
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.diagnostics import LayerMonitor
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> with LayerMonitor(model) as monitor:
+        ...     _ = model(torch.randn(4, 2))
+        >>> print(monitor.summary().splitlines()[0])
+        LayerMonitor: 1 step(s), every 1; means over recorded steps
+        """
         rows = []
         for name, layer in self.layers.items():
             mine = [r for r in self.records if r["layer"] == name]
@@ -244,7 +327,29 @@ class LayerMonitor:
         )
 
     def plot(self, path: str | Path) -> Path:
-        """Save a figure of std, dead/saturated fraction, gradient norm and update ratio per step."""
+        """Save a figure of std, dead/saturated fraction, gradient norm and update ratio per step.
+
+        Needs matplotlib (the lab extra).
+
+        Parameters
+        ----------
+        path : str or Path
+            The image file (png, svg, pdf).
+
+        Returns
+        -------
+        Path
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from normlab.diagnostics import LayerMonitor
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> with LayerMonitor(model) as monitor:
+        ...     _ = model(torch.randn(4, 2))
+        >>> monitor.plot(tempfile.mkdtemp() + "/layers.png").suffix
+        '.png'
+        """
         from matplotlib.figure import Figure  # no pyplot: no global backend state
 
         path = Path(path)

@@ -119,9 +119,24 @@ def _display(name: str) -> str:
 class LayerShift:
     """Santurkar et al.'s internal covariate shift of one layer.
 
-    ``l2`` = ‖G − G′‖₂ and ``cosine`` = cos(G, G′) (NaN if either is zero), where
+    ``l2`` = ‖G − G′‖₂ and ``cosine`` = cos(G, G′), where
     G is the layer's gradient and G′ its gradient after every earlier layer took
-    the SGD step ``θ ← θ − lr·∇θ``; ``grad_norm`` = ‖G‖₂.
+    the SGD step ``θ ← θ − lr·∇θ`` (:func:`internal_covariate_shift`).
+
+    Parameters
+    ----------
+    l2 : float
+        ‖G − G′‖₂.
+    cosine : float
+        cos(G, G′) (NaN if either is zero).
+    grad_norm : float
+        ‖G‖₂.
+
+    Examples
+    --------
+    >>> from normlab.diagnostics import LayerShift
+    >>> LayerShift(l2=0.0, cosine=1.0, grad_norm=2.5).cosine
+    1.0
     """
 
     l2: float
@@ -142,9 +157,39 @@ def internal_covariate_shift(
     gradient changes because the layers before it moved. One backward pass per
     layer. See the module docstring for conventions (state restored bit-exactly).
 
-    Returns:
-        ``{layer path: LayerShift}`` in forward order (the first layer has
-        ``l2 = 0``, ``cosine = 1``).
+    Parameters
+    ----------
+    model : nn.Module
+        The model at θ; left bit-exactly as it was.
+    loss_fn : callable
+        ``loss_fn(model(x), y)`` → a scalar tensor, e.g. ``nn.functional.cross_entropy``.
+    batch : tuple
+        ``(x, y)``.
+    lr : float
+        The SGD step size η, ``> 0``.
+
+    Returns
+    -------
+    dict of str to LayerShift
+        ``{layer path: LayerShift}`` in forward order (the first layer has ``l2 = 0``,
+        ``cosine = 1``).
+
+    Raises
+    ------
+    ValueError
+        ``lr`` is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    >>> batch = (torch.randn(64, 10), torch.randint(0, 3, (64,)))
+    >>> from normlab.diagnostics import internal_covariate_shift
+    >>> shifts = internal_covariate_shift(model, nn.functional.cross_entropy, batch, lr=0.1)
+    >>> list(shifts), shifts["0"].l2
+    (['0', '1', '3'], 0.0)
     """
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
@@ -180,14 +225,30 @@ def internal_covariate_shift(
 class LandscapeProbe:
     """Loss landscape along the gradient (Santurkar et al. 2018, Fig. 4), at one point θ.
 
-    Attributes:
-        loss: L(θ).
-        grad_norm: ‖g‖₂, g = ∇L(θ).
-        step_sizes: the η probed.
-        losses: L(θ − η g) per η.
-        grad_diffs: ‖∇L(θ) − ∇L(θ − η g)‖₂ per η ("gradient predictiveness").
-        loss_range: max − min of ``losses`` ("variation in loss").
-        beta_smoothness: max over η of ‖∇L(θ) − ∇L(θ − η g)‖ / ‖η g‖ ("effective β-smoothness").
+    :func:`landscape_probe` returns one.
+
+    Parameters
+    ----------
+    loss : float
+        L(θ).
+    grad_norm : float
+        ‖g‖₂, g = ∇L(θ).
+    step_sizes : list of float
+        The η probed.
+    losses : list of float
+        L(θ − η g) per η.
+    grad_diffs : list of float
+        ‖∇L(θ) − ∇L(θ − η g)‖₂ per η ("gradient predictiveness").
+    loss_range : float
+        max − min of ``losses`` ("variation in loss").
+    beta_smoothness : float
+        max over η of ‖∇L(θ) − ∇L(θ − η g)‖ / ‖η g‖ ("effective β-smoothness").
+
+    Examples
+    --------
+    >>> from normlab.diagnostics import LandscapeProbe
+    >>> LandscapeProbe(loss=1.0, grad_norm=2.0).as_dict()["step_sizes"]
+    []
     """
 
     loss: float
@@ -199,6 +260,12 @@ class LandscapeProbe:
     beta_smoothness: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict.
+
+        Returns
+        -------
+        dict
+        """
         return asdict(self)
 
 
@@ -212,6 +279,38 @@ def landscape_probe(
     β-smoothness is :math:`\max_\eta \lVert g - \nabla L(\theta - \eta g)\rVert / (\eta \lVert g\rVert)`
     (Santurkar et al. 2018, §3.1 and Fig. 4: BN makes all three smaller). One
     backward pass per step size. See the module docstring for conventions.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model at θ; left bit-exactly as it was.
+    loss_fn : callable
+        ``loss_fn(model(x), y)`` → a scalar tensor, e.g. ``nn.functional.cross_entropy``.
+    batch : tuple
+        ``(x, y)``.
+    step_sizes : sequence of float
+        The η to probe, each ``> 0``.
+
+    Returns
+    -------
+    LandscapeProbe
+
+    Raises
+    ------
+    ValueError
+        ``step_sizes`` is empty or holds a value that is not a positive finite number.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    >>> batch = (torch.randn(64, 10), torch.randint(0, 3, (64,)))
+    >>> from normlab.diagnostics import landscape_probe
+    >>> probe = landscape_probe(model, nn.functional.cross_entropy, batch, [0.05, 0.1, 0.2])
+    >>> len(probe.losses), probe.beta_smoothness > 0
+    (3, True)
     """
     steps = [float(s) for s in step_sizes]
     if not steps or not all(math.isfinite(s) and s > 0 for s in steps):
@@ -241,13 +340,24 @@ def landscape_probe(
 
 @dataclass(frozen=True)
 class GradientReport:
-    """Per-layer gradient norms at one point (Bjorck et al. 2018).
+    """Per-layer gradient norms at one point (Bjorck et al. 2018); :func:`gradient_report`.
 
-    Attributes:
-        loss: L(θ).
-        grad_norms: ``{layer path: ‖∇_layer L‖₂}`` in forward order.
-        param_norms: ``{layer path: ‖θ_layer‖₂}`` (same order), for relative scales.
-        total_norm: ‖∇L‖₂ over all trainable parameters.
+    Parameters
+    ----------
+    loss : float
+        L(θ).
+    grad_norms : dict of str to float
+        ``{layer path: ‖∇_layer L‖₂}`` in forward order.
+    param_norms : dict of str to float
+        ``{layer path: ‖θ_layer‖₂}`` (same order), for relative scales.
+    total_norm : float
+        ‖∇L‖₂ over all trainable parameters.
+
+    Examples
+    --------
+    >>> from normlab.diagnostics import GradientReport
+    >>> GradientReport(1.0, {"0": 0.5}, {"0": 3.0}, 0.5).as_dict()["grad_norms"]
+    {'0': 0.5}
     """
 
     loss: float
@@ -256,6 +366,12 @@ class GradientReport:
     total_norm: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict.
+
+        Returns
+        -------
+        dict
+        """
         return asdict(self)
 
 
@@ -266,6 +382,31 @@ def gradient_report(model: nn.Module, loss_fn: LossFn, batch: Any) -> GradientRe
     the output at initialization (Bjorck et al. 2018, *Understanding Batch
     Normalization*, Fig. 4); with it they stay comparable. One backward pass;
     see the module docstring for conventions.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model at θ; left bit-exactly as it was.
+    loss_fn : callable
+        ``loss_fn(model(x), y)`` → a scalar tensor, e.g. ``nn.functional.cross_entropy``.
+    batch : tuple
+        ``(x, y)``.
+
+    Returns
+    -------
+    GradientReport
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    >>> batch = (torch.randn(64, 10), torch.randint(0, 3, (64,)))
+    >>> from normlab.diagnostics import gradient_report
+    >>> report = gradient_report(model, nn.functional.cross_entropy, batch)
+    >>> list(report.grad_norms), report.total_norm > 0
+    (['0', '1', '3'], True)
     """
     ev = _Evaluator(model, loss_fn, batch)
 

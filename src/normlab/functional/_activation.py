@@ -35,14 +35,40 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
 
 
 class Activation(NamedTuple):
-    """``name`` and its parameter (``negative_slope`` for leaky_relu, ``alpha`` for elu)."""
+    """An activation after batch norm's affine map: a name and its parameter.
+
+    Build one with :func:`make_activation` (which validates the arguments).
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`ACTIVATIONS`.
+    param : float
+        ``negative_slope`` for leaky_relu, ``alpha`` for elu; unused otherwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import Activation
+    >>> act = Activation("leaky_relu", 0.1)
+    >>> z = torch.tensor([-2.0, 3.0])
+    >>> act.forward(z), act.inverse(act.forward(z)), act.invertible
+    (tensor([-0.2000,  3.0000]), tensor([-2.,  3.]), True)
+    """
 
     name: str
     param: float = 0.0
 
     @property
     def invertible(self) -> bool:
-        """Whether ``z`` can be rebuilt from ``y`` (then only the output is kept for backward)."""
+        """Whether ``z`` can be rebuilt from ``y`` (then only the output is kept for backward).
+
+        Examples
+        --------
+        >>> from normlab.functional import Activation
+        >>> Activation("elu", 1.0).invertible, Activation("relu").invertible
+        (True, False)
+        """
         return self.name in ("identity", "elu") or (self.name == "leaky_relu" and self.param > 0)
 
     def module(self) -> torch.nn.Module:
@@ -56,7 +82,27 @@ class Activation(NamedTuple):
         return modules.get(name, torch.nn.Identity)()
 
     def forward(self, z: Tensor, *, inplace: bool = False) -> Tensor:
-        """``f(z)``."""
+        """``f(z)``.
+
+        Parameters
+        ----------
+        z : Tensor
+            The pre-activation, any shape.
+        inplace : bool
+            Overwrite ``z`` where the activation allows it.
+
+        Returns
+        -------
+        Tensor
+            ``z``'s shape.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.functional import Activation
+        >>> Activation("relu").forward(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+        """
         name, p = self.name, self.param
         if name == "identity":
             return z
@@ -71,7 +117,27 @@ class Activation(NamedTuple):
         return F.gelu(z)
 
     def backward(self, dy: Tensor, z: Tensor) -> Tensor:
-        """``dy · f'(z)`` from the pre-activation ``z``."""
+        """``dy · f'(z)`` from the pre-activation ``z``.
+
+        Parameters
+        ----------
+        dy : Tensor
+            The gradient with respect to the output.
+        z : Tensor
+            The pre-activation, ``dy``'s shape.
+
+        Returns
+        -------
+        Tensor
+            The gradient with respect to ``z``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.functional import Activation
+        >>> Activation("relu").backward(torch.ones(2), torch.tensor([-1.0, 2.0]))
+        tensor([0., 1.])
+        """
         name, p = self.name, self.param
         if name == "identity":
             return dy
@@ -86,7 +152,32 @@ class Activation(NamedTuple):
         return torch.ops.aten.gelu_backward(dy, z)
 
     def backward_from_output(self, dy: Tensor, y: Tensor) -> Tensor:
-        """``dy · f'(z)`` from the output ``y`` (invertible activations and relu)."""
+        """``dy · f'(z)`` from the output ``y`` (invertible activations and relu).
+
+        Parameters
+        ----------
+        dy : Tensor
+            The gradient with respect to the output.
+        y : Tensor
+            The output ``f(z)``, ``dy``'s shape.
+
+        Returns
+        -------
+        Tensor
+            The gradient with respect to ``z``.
+
+        Raises
+        ------
+        ValueError
+            The derivative cannot be taken from the output (silu, gelu).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.functional import Activation
+        >>> Activation("leaky_relu", 0.5).backward_from_output(torch.ones(2), torch.tensor([-1.0, 2.0]))
+        tensor([0.5000, 1.0000])
+        """
         name, p = self.name, self.param
         if name == "identity":
             return dy
@@ -99,7 +190,30 @@ class Activation(NamedTuple):
         raise ValueError(f"{name} cannot take its derivative from its output")
 
     def inverse(self, y: Tensor) -> Tensor:
-        """``z = f⁻¹(y)`` (invertible activations only)."""
+        """``z = f⁻¹(y)`` (invertible activations only).
+
+        Parameters
+        ----------
+        y : Tensor
+            The output ``f(z)``.
+
+        Returns
+        -------
+        Tensor
+            ``z``, ``y``'s shape.
+
+        Raises
+        ------
+        ValueError
+            The activation is not invertible.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from normlab.functional import Activation
+        >>> Activation("elu", 1.0).inverse(torch.tensor([-0.5, 2.0]))
+        tensor([-0.6931,  2.0000])
+        """
         name, p = self.name, self.param
         if name == "identity":
             return y
@@ -113,7 +227,32 @@ class Activation(NamedTuple):
 def make_activation(
     activation: str | None, negative_slope: float = 0.01, alpha: float = 1.0
 ) -> Activation | None:
-    """Validate a layer's activation arguments: ``None``/``"identity"`` mean no activation."""
+    """Validate a layer's activation arguments.
+
+    Parameters
+    ----------
+    activation : str or None
+        ``None`` for none, or one of :data:`ACTIVATIONS`.
+    negative_slope : float
+        leaky_relu's slope, ``>= 0``.
+    alpha : float
+        elu's scale, ``> 0``.
+
+    Returns
+    -------
+    Activation or None
+
+    Raises
+    ------
+    ValueError
+        An unknown activation or an invalid parameter.
+
+    Examples
+    --------
+    >>> from normlab.functional import make_activation
+    >>> make_activation("leaky_relu", 0.2), make_activation(None)
+    (Activation(name='leaky_relu', param=0.2), None)
+    """
     if activation is None:
         return None
     check_choice(activation, "activation", ACTIVATIONS)

@@ -38,6 +38,27 @@ class BatchNormKernel(Protocol):
     variance biased; with ``chunks`` (consecutive batch chunks, each its own batch) they are
     ``(len(chunks)·C,)``, chunk-major. A kernel is only handed an ``act`` it lists in
     ``activations``, ``chunks`` when ``chunked`` and a ``mask`` when it is the reference.
+    Every method is a static method; :func:`register_kernel` makes a new kernel available
+    as ``backend=name``.
+
+    Attributes
+    ----------
+    name : str
+        The backend name.
+    activations : frozenset of str
+        Activations the kernel fuses into its passes (others are composed after it).
+    chunked : bool
+        Whether it takes ``chunks`` (Ghost BN) in one call.
+    differentiable : bool
+        ``forward_train`` is differentiable itself (ATen's own autograd).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import resolve_kernel
+    >>> kernel = resolve_kernel("reference", torch.randn(4, 3))
+    >>> kernel.name, kernel.chunked, "relu" in kernel.activations
+    ('reference', True, True)
     """
 
     name: str
@@ -46,10 +67,37 @@ class BatchNormKernel(Protocol):
     differentiable: bool  # forward_train is differentiable itself (ATen's own autograd)
 
     @staticmethod
-    def serves(x: Tensor) -> bool: ...
+    def serves(x: Tensor) -> bool:
+        """Whether the kernel computes batch norm of ``x`` (device, dtype, rank).
+
+        Parameters
+        ----------
+        x : Tensor
+            The input, ``(N, C, *)``.
+
+        Returns
+        -------
+        bool
+        """
+        ...
 
     @staticmethod
-    def stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+    def stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(mean, biased var)`` of ``x``, in the accumulation dtype.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, *)
+            The input.
+        mask : Tensor of bool, optional
+            Valid positions (the reference kernel only).
+
+        Returns
+        -------
+        (Tensor, Tensor)
+            Each of shape ``(C,)``.
+        """
+        ...
 
     @staticmethod
     def forward_train(
@@ -60,7 +108,33 @@ class BatchNormKernel(Protocol):
         act: Activation | None = None,
         chunks: list[int] | None = None,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training forward with the batch's own statistics.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, *)
+            The input.
+        weight : Tensor of shape (C,) or None
+            γ.
+        bias : Tensor of shape (C,) or None
+            β.
+        eps : float
+            Added to the variance.
+        act : Activation, optional
+            An activation listed in ``activations``.
+        chunks : list of int, optional
+            Batch chunks (``chunked`` kernels).
+        mask : Tensor of bool, optional
+            Valid positions (the reference kernel only).
+
+        Returns
+        -------
+        (Tensor, Tensor, Tensor, Tensor)
+            ``(y, mean, var, invstd)``: ``y`` of ``x``'s shape; statistics ``(C,)`` (or
+            ``(G·C,)`` with chunks), ``var`` biased.
+        """
+        ...
 
     @staticmethod
     def backward_train(
@@ -74,7 +148,38 @@ class BatchNormKernel(Protocol):
         act: Activation | None = None,
         chunks: list[int] | None = None,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Closed-form gradients of :meth:`forward_train`.
+
+        Parameters
+        ----------
+        dy : Tensor
+            The gradient with respect to ``y``, ``x``'s shape.
+        x : Tensor, shape (N, C, *)
+            The forward's input.
+        weight : Tensor of shape (C,) or None
+            γ.
+        bias : Tensor of shape (C,) or None
+            β.
+        mean : Tensor
+            The forward's mean.
+        invstd : Tensor
+            The forward's ``1/sqrt(var + eps)``.
+        needs : (bool, bool, bool)
+            Which of ``(dx, dweight, dbias)`` to compute.
+        act : Activation, optional
+            The forward's activation.
+        chunks : list of int, optional
+            The forward's chunks.
+        mask : Tensor of bool, optional
+            The forward's mask.
+
+        Returns
+        -------
+        (Tensor or None, Tensor or None, Tensor or None)
+            ``(dx, dweight, dbias)``; ``None`` where ``needs`` is False.
+        """
+        ...
 
     @staticmethod
     def forward_eval(
@@ -85,7 +190,32 @@ class BatchNormKernel(Protocol):
         bias: Tensor | None,
         eps: float,
         act: Activation | None = None,
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """Normalize with given statistics (the running ones in eval).
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, *)
+            The input.
+        mean : Tensor, shape (C,)
+            The mean to subtract.
+        var : Tensor, shape (C,)
+            The variance to divide by (with ``eps``).
+        weight : Tensor of shape (C,) or None
+            γ.
+        bias : Tensor of shape (C,) or None
+            β.
+        eps : float
+            Added to the variance.
+        act : Activation, optional
+            An activation listed in ``activations``.
+
+        Returns
+        -------
+        Tensor
+            ``x``'s shape and dtype.
+        """
+        ...
 
     @staticmethod
     def invert(
@@ -95,7 +225,30 @@ class BatchNormKernel(Protocol):
         weight: Tensor | None,
         bias: Tensor | None,
         act: Activation | None,
-    ) -> Tensor | None: ...
+    ) -> Tensor | None:
+        """``x̂``-based input rebuilt from the output ``y = f(γ·x̂ + β)`` (memory-saving BN+act).
+
+        Parameters
+        ----------
+        y : Tensor, shape (N, C, *)
+            The forward's output.
+        mean : Tensor, shape (C,)
+            The forward's mean.
+        invstd : Tensor, shape (C,)
+            The forward's ``1/sqrt(var + eps)``.
+        weight : Tensor of shape (C,) or None
+            γ.
+        bias : Tensor of shape (C,) or None
+            β.
+        act : Activation or None
+            An invertible activation.
+
+        Returns
+        -------
+        Tensor or None
+            The input, ``y``'s shape; ``None`` when the kernel does not do this itself.
+        """
+        ...
 
 
 _KERNELS: dict[str, BatchNormKernel] = {
@@ -116,7 +269,32 @@ _FUSED_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def register_kernel(name: str, kernel: BatchNormKernel) -> None:
-    """Make ``kernel`` available as ``backend=name``."""
+    """Make ``kernel`` available as ``backend=name``.
+
+    Parameters
+    ----------
+    name : str
+        The backend name (replaces a kernel registered under it).
+    kernel : BatchNormKernel
+        An object with the protocol's attributes and static methods.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import ReferenceKernel, register_kernel, resolve_kernel
+    >>> x = torch.randn(4, 2)
+    >>> original = resolve_kernel("reference", x)
+    >>> class Counting(ReferenceKernel):
+    ...     calls = 0
+    ...     @staticmethod
+    ...     def stats(x, chunks=None, mask=None):
+    ...         Counting.calls += 1
+    ...         return ReferenceKernel.stats(x, chunks, mask)
+    >>> register_kernel("reference", Counting())
+    >>> type(resolve_kernel("reference", x)).__name__
+    'Counting'
+    >>> register_kernel("reference", original)          # put the original back
+    """
     _KERNELS[name] = kernel
 
 
@@ -159,6 +337,41 @@ def resolve_kernel(
     An explicit backend that cannot serve the call raises: ``"fused"`` when the kernels
     cannot be built or loaded (:class:`~normlab.kernels.KernelError`, with the reason) or
     for an input they do not serve; any backend but ``"reference"`` with a mask.
+
+    Parameters
+    ----------
+    backend : str
+        ``"auto"``, or a registered backend (``"reference"``, ``"native"``, ``"fused"``, …).
+    x : Tensor, shape (N, C, *)
+        The input.
+    mask : Tensor of bool, optional
+        Valid positions.
+    variant : bool
+        The call needs normlab's training Function anyway (activation, chunks, correction).
+    differentiable : bool
+        The call needs an eval forward that autograd can differentiate (see above).
+
+    Returns
+    -------
+    BatchNormKernel
+
+    Raises
+    ------
+    ValueError
+        An unknown backend, a mask for a backend without masks, or an input the fused
+        kernels do not serve.
+    KernelError
+        ``backend="fused"`` and the kernels cannot be built or loaded.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import resolve_kernel
+    >>> x = torch.randn(4, 3, 5)
+    >>> resolve_kernel("auto", x, mask=torch.ones(4, 5, dtype=torch.bool)).name
+    'reference'
+    >>> resolve_kernel("auto", x).name           # small plain input: ATen
+    'native'
     """
     kernel = _resolve(backend, x, mask, variant)
     if differentiable and not kernel.differentiable and kernel.name != "reference":

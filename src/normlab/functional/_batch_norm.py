@@ -33,6 +33,43 @@ def batch_norm_train(
     each normalized with its own statistics) is given. ``activation`` follows the affine map;
     ``correction(mean, var) -> (r, d)`` (per channel, no gradient) turns the output into
     ``weight·(r·x̂ + d) + bias`` — Batch Renormalization — at plain batch-norm cost.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        Floating point.
+    weight : Tensor of shape (C,) or None
+        γ.
+    bias : Tensor of shape (C,) or None
+        β.
+    eps : float
+        Added to the variance.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    backend : str
+        See :func:`batch_norm`.
+    activation : Activation, optional
+        Applied after the affine map (:func:`make_activation`).
+    chunks : list of int, optional
+        Sizes of consecutive batch chunks (:func:`ghost_chunks`).
+    correction : callable, optional
+        ``(mean, var) -> (r, d)`` (:func:`renorm_correction`).
+
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        ``y`` (the input's shape), ``mean`` and biased ``var``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import batch_norm_train, ghost_chunks, make_activation
+    >>> x = torch.randn(12, 4, requires_grad=True)
+    >>> y, mean, var = batch_norm_train(x, None, None, 1e-5, activation=make_activation("relu"),
+    ...                                 chunks=ghost_chunks(12, 6))
+    >>> y.shape, mean.shape, bool((y >= 0).all())
+    (torch.Size([12, 4]), torch.Size([2, 4]), True)
+    >>> y.sum().backward()                               # the closed-form backward
     """
     check_input(input)
     check_channels(input.shape[1], weight=weight, bias=bias, device=input.device)

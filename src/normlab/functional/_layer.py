@@ -36,7 +36,55 @@ _CHECKED_EVAL = ("native", "fused")
 
 
 class LayerSpec(NamedTuple):
-    """A layer's settings, as constants (what ``torch.fx`` records in its graph)."""
+    """A layer's settings, as constants (what ``torch.fx`` records in its graph).
+
+    The layers build one per forward (:meth:`normlab.nn.NormBase.forward`); users of
+    :func:`batch_norm_layer` may build their own.
+
+    Parameters
+    ----------
+    name : str
+        For messages, e.g. ``"BatchNorm2d(64)"``.
+    num_features : int
+        ``C``.
+    ndims : tuple of int
+        Accepted input ranks; ``()``: any ``>= 2``.
+    training : bool
+        Batch statistics (True) or running ones.
+    momentum : float or None
+        Running-statistics factor; ``None``: cumulative average.
+    eps : float
+        Added to the variance.
+    nonfinite : {"skip", "raise", "propagate"}
+        See :class:`normlab.nn.NormBase`.
+    single_sample : {"raise", "running"}
+        See :class:`normlab.nn.NormBase`.
+    backend : str
+        See :func:`batch_norm`.
+    channel_axis : {1, -1}
+        Where the channels are.
+    act : Activation, optional
+        An activation after the affine map (BN+act).
+    save_output : bool
+        Keep only the output for backward (BN+act with an invertible activation).
+    virtual_batch_size : int, optional
+        Ghost BN's chunk size.
+    renorm : (limit, limit), optional
+        Batch Renorm's ``(r_max, d_max)``: numbers, :class:`Ramp` or callables of the step.
+    reducer : Reducer, optional
+        SyncBN's cross-process reduction (eager only).
+    unbiased_running_var : bool
+        torch's rule (``var·n/(n−1)`` into ``running_var``); ``False``: Keras' (``var``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import LayerSpec, batch_norm_layer
+    >>> spec = LayerSpec("demo", 3, virtual_batch_size=4)
+    >>> y = batch_norm_layer(torch.randn(8, 3), None, None, None, None, None, None, spec)
+    >>> y[:4].mean(0).abs().max().item() < 1e-5                # each chunk of 4 normalized
+    True
+    """
 
     name: str  # for messages, e.g. "BatchNorm2d(64)"
     num_features: int
@@ -61,6 +109,35 @@ def check_batch_size(input: Tensor, mask: Tensor | None = None, channel_axis: in
 
     With a mask (the input's shape without the channel axis, bool) the count is the number
     of valid positions, and 0 raises too (there would be nothing to normalize with).
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        The batch.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    channel_axis : int
+        Where the channels are.
+
+    Returns
+    -------
+    int
+        ``n``, the values per channel.
+
+    Raises
+    ------
+    ValueError
+        One value per channel (torch's message), no valid value, or a malformed mask.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import check_batch_size
+    >>> check_batch_size(torch.zeros(4, 3, 5))
+    20
+    >>> check_batch_size(torch.zeros(1, 3))
+    Traceback (most recent call last):
+    ValueError: Expected more than 1 value per channel when training, got input size torch.Size([1, 3])
     """
     channels = input.shape[channel_axis]
     if mask is None:
@@ -95,6 +172,40 @@ def batch_norm_layer(
     Training uses the batch statistics (and moves the running buffers when they are given);
     eval — or training with ``single_sample="running"`` on a one-value batch — uses the
     running ones. Without running buffers the batch statistics serve in eval too (torch).
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        ``(N, *, C)`` with ``spec.channel_axis == -1``.
+    mask : Tensor of bool, optional
+        Valid positions, the input's shape without the channel axis.
+    running_mean : Tensor of shape (C,) or None
+        Updated in place in training.
+    running_var : Tensor of shape (C,) or None
+        Updated in place in training.
+    num_batches_tracked : Tensor or None
+        The step counter (0-d long), incremented in training.
+    weight : Tensor of shape (C,) or None
+        γ.
+    bias : Tensor of shape (C,) or None
+        β.
+    spec : LayerSpec
+        The layer's settings.
+
+    Returns
+    -------
+    Tensor
+        The input's shape, dtype and layout.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import LayerSpec, batch_norm_layer
+    >>> rm, rv, steps = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    >>> x = torch.randn(16, 3) * 2 + 5
+    >>> y = batch_norm_layer(x, None, rm, rv, steps, None, None, LayerSpec("demo", 3, momentum=None))
+    >>> int(steps), torch.allclose(rm, x.mean(0))              # a cumulative average of one batch
+    (1, True)
     """
     check_input(input, what=spec.name, ndims=spec.ndims)
     moved = spec.channel_axis != 1 and input.dim() > 2

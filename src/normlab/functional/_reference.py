@@ -37,7 +37,27 @@ __all__ = ["ReferenceKernel", "channel_view", "grad_input", "grad_sums", "normal
 
 
 def channel_view(t: Tensor, ndim: int) -> Tensor:
-    """(C,) -> (1, C, 1, ...) for broadcasting against an ``ndim``-D input."""
+    """``(C,) -> (1, C, 1, ...)`` for broadcasting against an ``ndim``-D input.
+
+    Parameters
+    ----------
+    t : Tensor, shape (C,)
+        A per-channel tensor.
+    ndim : int
+        The input's number of dimensions (``>= 2``).
+
+    Returns
+    -------
+    Tensor
+        A view of shape ``(1, C, 1, ...)`` with ``ndim`` dimensions.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import channel_view
+    >>> channel_view(torch.zeros(3), 4).shape
+    torch.Size([1, 3, 1, 1])
+    """
     return t.view([1, -1] + [1] * (ndim - 2))
 
 
@@ -50,9 +70,42 @@ def normalize(
     mask: Tensor | None = None,
     act: Activation | None = None,
 ) -> Tensor:
-    """``f(weight * (x - mean) * invstd + bias)`` per channel, computed in ``mean``'s dtype and
-    returned in ``x``'s dtype. Masked-out positions (``mask`` is ``x``'s shape without the
-    channel axis) give ``f(bias)`` (``f(0)`` without bias)."""
+    """``f(weight * (x - mean) * invstd + bias)`` per channel.
+
+    Computed in ``mean``'s dtype and returned in ``x``'s dtype.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, C, *)
+        The input.
+    mean : Tensor, shape (C,)
+        Per-channel mean.
+    invstd : Tensor, shape (C,)
+        Per-channel ``1 / sqrt(var + eps)``.
+    weight : Tensor of shape (C,) or None
+        γ.
+    bias : Tensor of shape (C,) or None
+        β.
+    mask : Tensor of bool, optional
+        ``x``'s shape without the channel axis; masked-out positions give ``f(bias)``
+        (``f(0)`` without bias).
+    act : Activation, optional
+        ``f``; identity when ``None``.
+
+    Returns
+    -------
+    Tensor
+        ``x``'s shape and dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import normalize
+    >>> x = torch.tensor([[1.0], [3.0]])                  # (N=2, C=1)
+    >>> normalize(x, torch.tensor([2.0]), torch.tensor([1.0]), None, None)
+    tensor([[-1.],
+            [ 1.]])
+    """
     ndim = x.dim()
     xhat = (x.to(mean.dtype) - channel_view(mean, ndim)) * channel_view(invstd, ndim)  # (N, C, *)
     if mask is not None:
@@ -107,7 +160,18 @@ def _split(x: Tensor, chunks: list[int] | None) -> list[Tensor]:
 class ReferenceKernel:
     """Batch norm as plain torch ops; every other backend is tested against this one.
 
-    Serves every input and every feature: masks, batch chunks, every activation.
+    Serves every input and every feature: masks, batch chunks, every activation. Its static
+    methods implement :class:`~normlab.functional.BatchNormKernel`; ``backend="reference"``
+    selects it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import ReferenceKernel
+    >>> x = torch.randn(8, 3, 4)
+    >>> mean, var = ReferenceKernel.stats(x)
+    >>> torch.allclose(mean, x.mean((0, 2))), torch.allclose(var, x.var((0, 2), unbiased=False))
+    (True, True)
     """
 
     name = "reference"
@@ -117,6 +181,7 @@ class ReferenceKernel:
 
     @staticmethod
     def serves(x: Tensor) -> bool:
+        """Every input (see :meth:`BatchNormKernel.serves`)."""
         return True
 
     @staticmethod

@@ -30,7 +30,25 @@ def _bad_channels(ok: Tensor) -> str:
 
 
 def nonfinite_channels(*tensors: Tensor) -> str | None:
-    """The channels where any of the per-channel ``tensors`` is NaN/Inf (``"3, 7"``), or ``None``."""
+    """The channels where any of the per-channel ``tensors`` is NaN/Inf, for messages.
+
+    Parameters
+    ----------
+    *tensors : Tensor
+        Per-channel tensors of one shape ``(C,)``.
+
+    Returns
+    -------
+    str or None
+        ``"3, 7"`` (the first 8, then ``"and k more"``), or ``None`` when all are finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import nonfinite_channels
+    >>> nonfinite_channels(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([1.0, 1.0, float("inf")]))
+    '1, 2'
+    """
     ok = torch.ones_like(tensors[0], dtype=torch.bool)
     for t in tensors:
         ok &= torch.isfinite(t)
@@ -62,8 +80,44 @@ def update_running_stats_(
     warns naming them, ``"raise"`` raises ``FloatingPointError`` naming them and changes
     nothing.
 
-    Returns whether any channel was updated: a ``bool``, or a 0-d bool tensor where that is
-    only known on the device (an accelerator or ``torch.compile``: no host synchronisation).
+    Parameters
+    ----------
+    running_mean : Tensor, shape (C,)
+        Updated in place.
+    running_var : Tensor, shape (C,)
+        Updated in place.
+    mean : Tensor, shape (C,)
+        The batch mean.
+    var_unbiased : Tensor, shape (C,)
+        The batch's unbiased variance ``var·n/(n−1)``.
+    factor : float
+        The momentum (or ``1/k`` for a cumulative average).
+    nonfinite : {"propagate", "skip", "raise"}
+        See above.
+    owner : str
+        The layer's name, for messages.
+
+    Returns
+    -------
+    bool or Tensor
+        Whether any channel was updated: a ``bool``, or a 0-d bool tensor where that is only
+        known on the device (an accelerator or ``torch.compile``: no host synchronisation).
+
+    Raises
+    ------
+    FloatingPointError
+        ``nonfinite="raise"`` and some channel's batch statistics are NaN/Inf.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import update_running_stats_
+    >>> rm, rv = torch.zeros(2), torch.ones(2)
+    >>> with __import__("warnings").catch_warnings(record=True):
+    ...     _ = update_running_stats_(rm, rv, torch.tensor([1.0, float("nan")]),
+    ...                               torch.tensor([3.0, 1.0]), 0.5, nonfinite="skip")
+    >>> rm, rv                                       # channel 1 left as it was
+    (tensor([0.5000, 0.0000]), tensor([2., 1.]))
     """
     check_choice(nonfinite, "nonfinite", NONFINITE)
     mean, var_unbiased = mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)

@@ -28,7 +28,30 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics of ``dtype`` data are accumulated in (float32 for fp16/bf16)."""
+    """The dtype statistics of ``dtype`` data are accumulated in.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        A floating-point dtype.
+
+    Returns
+    -------
+    torch.dtype
+        float32 for fp16/bf16, ``dtype`` itself otherwise.
+
+    Raises
+    ------
+    TypeError
+        ``dtype`` is not floating point.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import accumulation_dtype
+    >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
     if dtype in _LOW_PRECISION:
         return torch.float32
     if not dtype.is_floating_point:
@@ -37,7 +60,30 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reduce_dims(ndim: int, channel_axis: int) -> list[int]:
-    """Every axis of an ``ndim``-dimensional tensor except ``channel_axis``."""
+    """Every axis of an ``ndim``-dimensional tensor except ``channel_axis``.
+
+    Parameters
+    ----------
+    ndim : int
+        The tensor's number of dimensions.
+    channel_axis : int
+        The axis kept (negative counts from the end).
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    ValueError
+        ``channel_axis`` is out of range.
+
+    Examples
+    --------
+    >>> from normlab.functional import reduce_dims
+    >>> reduce_dims(4, 1), reduce_dims(3, -1)
+    ([0, 2, 3], [0, 1])
+    """
     if not -ndim <= channel_axis < ndim:
         raise ValueError(f"channel_axis={channel_axis} is out of range for a {ndim}D input")
     ca = channel_axis % ndim
@@ -58,19 +104,35 @@ def batch_norm_stats(
         \mu_c = \frac{1}{n_c}\sum_i x_{ic},\quad
         \sigma^2_c = \frac{1}{n_c}\sum_i (x_{ic}-\mu_c)^2
 
-    Args:
-        input: ``(N, C, *)`` (or any layout with ``channel_axis``).
-        channel_axis: the axis that is *not* reduced.
-        mask: bool tensor shaped like ``input`` without the channel axis (shared by
-            all channels), or like ``input`` itself (per-channel counts); only
-            ``True`` positions count. Values at ``False`` positions may be
-            anything (NaN included): they are never read into the statistics.
-        dtype: accumulation dtype; default float32 for fp16/bf16 input and the
-            input's dtype otherwise.
+    Parameters
+    ----------
+    input : Tensor, shape (N, C, *)
+        Or any layout with ``channel_axis``.
+    channel_axis : int
+        The axis that is *not* reduced.
+    mask : Tensor of bool, optional
+        Shaped like ``input`` without the channel axis (shared by all channels), or like
+        ``input`` itself (per-channel counts); only ``True`` positions count. Values at
+        ``False`` positions may be anything (NaN included): they are never read into the
+        statistics.
+    dtype : torch.dtype, optional
+        Accumulation dtype; default float32 for fp16/bf16 input and the input's dtype
+        otherwise.
 
-    Returns:
-        ``(mean, var, count)``, each of shape ``(C,)`` in the accumulation
-        dtype. A channel with ``count == 0`` gets ``mean = var = 0``.
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        ``(mean, var, count)``, each of shape ``(C,)`` in the accumulation dtype. A channel
+        with ``count == 0`` gets ``mean = var = 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import batch_norm_stats
+    >>> x = torch.tensor([[1.0, 10.0], [3.0, 10.0], [100.0, 10.0]])     # (N=3, C=2)
+    >>> mean, var, count = batch_norm_stats(x, mask=torch.tensor([True, True, False]))
+    >>> mean, var, count
+    (tensor([ 2., 10.]), tensor([1., 0.]), tensor([2., 2.]))
     """
     acc = dtype if dtype is not None else accumulation_dtype(input.dtype)
     dims = reduce_dims(input.dim(), channel_axis)
@@ -120,6 +182,35 @@ def merge_stats(
 
     Works elementwise on broadcastable tensors. An empty side (count 0) is the
     identity; two empty sides give ``mean = var = 0, count = 0``.
+
+    Parameters
+    ----------
+    mean_a : Tensor
+        Mean of the first part, e.g. shape ``(C,)``.
+    var_a : Tensor
+        Its biased variance.
+    count_a : Tensor
+        Its number of values.
+    mean_b : Tensor
+        Mean of the second part.
+    var_b : Tensor
+        Its biased variance.
+    count_b : Tensor
+        Its number of values.
+
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        ``(mean, var, count)`` of the union, broadcast shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import batch_norm_stats, merge_stats
+    >>> x = torch.randn(10, 3)
+    >>> merged = merge_stats(*batch_norm_stats(x[:4]), *batch_norm_stats(x[4:]))
+    >>> all(torch.allclose(a, b) for a, b in zip(merged, batch_norm_stats(x)))
+    True
     """
     count = count_a + count_b
     safe = torch.where(count > 0, count, torch.ones_like(count))

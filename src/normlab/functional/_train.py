@@ -38,19 +38,83 @@ _GAMMA_EPS = 1e-5  # |γ| floor when the input is rebuilt from the output (as In
 
 
 class Reducer(Protocol):
-    """The cross-process part of SyncBN (see :class:`normlab.nn.SyncBatchNorm`)."""
+    """The cross-process part of SyncBN (see :class:`normlab.nn.SyncBatchNorm`).
+
+    A protocol: an object with these two methods, set as :class:`LayerSpec`'s ``reducer``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import LayerSpec, batch_norm_layer, batch_norm_stats
+    >>> class OneProcess:                   # what SyncBN's reducer does with one process
+    ...     def stats(self, x, mask):
+    ...         return batch_norm_stats(x, mask=mask)
+    ...     def sums(self, sums):
+    ...         return sums
+    >>> spec = LayerSpec("demo", 3, reducer=OneProcess())
+    >>> batch_norm_layer(torch.randn(4, 3), None, None, None, None, None, None, spec).shape
+    torch.Size([4, 3])
+    """
 
     def stats(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Global ``(mean, biased var, count)`` per channel over every process's batch."""
+        """Global ``(mean, biased var, count)`` per channel over every process's batch.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, *)
+            This process's batch.
+        mask : Tensor of bool or None
+            Its valid positions.
+
+        Returns
+        -------
+        (Tensor, Tensor, Tensor)
+            Each ``(C,)``.
+        """
         ...
 
     def sums(self, sums: Tensor) -> Tensor:
-        """``(2, C)`` gradient sums added over the processes."""
+        """``(2, C)`` gradient sums added over the processes.
+
+        Parameters
+        ----------
+        sums : Tensor, shape (2, C)
+            This process's ``(Σ g, Σ g·x̂)``.
+
+        Returns
+        -------
+        Tensor
+            The sums over every process, ``(2, C)``.
+        """
         ...
 
 
 class Plan(NamedTuple):
-    """How one training call runs: the kernel and what the variant adds (see the module doc)."""
+    """How one training call runs: the kernel and what the variant adds (see the module doc).
+
+    Parameters
+    ----------
+    kernel : BatchNormKernel
+        Computes the statistics, the forward and the closed-form backward.
+    eps : float
+        Added to the variance.
+    act : Activation, optional
+        BN+act's activation.
+    chunks : list of int, optional
+        Ghost BN's chunk sizes.
+    correction : callable, optional
+        Batch Renorm's ``(mean, var) -> (r, d)``.
+    reducer : Reducer, optional
+        SyncBN's cross-process reduction.
+    save_output : bool
+        Keep only the output for backward where the activation is invertible.
+
+    Examples
+    --------
+    >>> from normlab.functional import Plan, ReferenceKernel, make_activation
+    >>> Plan(ReferenceKernel(), 1e-5, act=make_activation("elu"), save_output=True).keeps_output
+    True
+    """
 
     kernel: BatchNormKernel
     eps: float
@@ -62,7 +126,14 @@ class Plan(NamedTuple):
 
     @property
     def keeps_output(self) -> bool:
-        """Only ``y`` is saved for backward (memory-saving BN+act)."""
+        """Only ``y`` is saved for backward (memory-saving BN+act).
+
+        Examples
+        --------
+        >>> from normlab.functional import Plan, ReferenceKernel, make_activation
+        >>> Plan(ReferenceKernel(), 1e-5, act=make_activation("gelu"), save_output=True).keeps_output
+        False
+        """
         return (
             self.save_output and self.chunks is None and (self.act is None or self.act.invertible)
         )

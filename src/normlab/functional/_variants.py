@@ -17,7 +17,26 @@ __all__ = ["Limit", "Ramp", "ghost_chunks", "renorm_correction"]
 class Ramp(NamedTuple):
     """A limit that moves linearly from ``start`` to ``end`` between two step counts
     (``num_batches_tracked``), constant outside — Ioffe 2017's ``r_max``/``d_max`` schedule.
-    A plain tuple of numbers: it pickles, prints and traces."""
+    A plain tuple of numbers: it pickles, prints and traces.
+
+    Parameters
+    ----------
+    start : float
+        The value up to ``start_step``.
+    end : float
+        The value from ``end_step`` on.
+    start_step : int
+        Where the ramp starts.
+    end_step : int
+        Where it ends.
+
+    Examples
+    --------
+    >>> from normlab.functional import Ramp
+    >>> ramp = Ramp(1.0, 3.0, 100, 200)
+    >>> ramp(0), ramp(150), ramp(10_000)
+    (1.0, 2.0, 3.0)
+    """
 
     start: float
     end: float
@@ -25,6 +44,7 @@ class Ramp(NamedTuple):
     end_step: int
 
     def __call__(self, step: int) -> float:
+        """The limit at ``step`` (a ``num_batches_tracked`` count), as a float."""
         if step <= self.start_step:
             return float(self.start)
         t = min(1.0, (step - self.start_step) / max(1, self.end_step - self.start_step))
@@ -45,6 +65,38 @@ def renorm_correction(
 
     with :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}`, :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`;
     ``r`` and ``d`` carry no gradient (Alg. 1).
+
+    Parameters
+    ----------
+    running_mean : Tensor, shape (C,)
+        μ, taken before this step's update.
+    running_var : Tensor, shape (C,)
+        The running variance.
+    eps : float
+        The layer's ``eps``.
+    r_max : float
+        ``>= 1``.
+    d_max : float
+        ``>= 0``.
+
+    Returns
+    -------
+    callable
+        ``correction(mean_B, var_B) -> (r, d)``, each ``(C,)``; pass it to
+        :func:`batch_norm_train`.
+
+    Raises
+    ------
+    ValueError
+        ``r_max < 1``, ``d_max < 0`` or either not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.functional import renorm_correction
+    >>> correction = renorm_correction(torch.zeros(2), torch.ones(2), 0.0, 3.0, 5.0)
+    >>> correction(torch.tensor([0.5, 0.0]), torch.tensor([16.0, 1.0]))   # r clipped at 3
+    (tensor([3., 1.]), tensor([0.5000, 0.0000]))
     """
     if not (math.isfinite(r_max) and r_max >= 1.0 and math.isfinite(d_max) and d_max >= 0.0):
         raise ValueError(f"need finite r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
@@ -64,8 +116,29 @@ def _limit(value: Limit, step: int) -> float:
 
 
 def ghost_chunks(n: int, virtual_batch_size: int) -> list[int]:
-    """Ghost BN's chunk sizes for a batch of ``n``: ``virtual_batch_size`` each, a last chunk of
-    a single sample joining the previous one (it has no variance)."""
+    """Ghost BN's chunk sizes for a batch of ``n``.
+
+    ``virtual_batch_size`` each; a last chunk of a single sample joins the previous one (it
+    has no variance).
+
+    Parameters
+    ----------
+    n : int
+        The batch size.
+    virtual_batch_size : int
+        Samples per chunk.
+
+    Returns
+    -------
+    list of int
+        Sizes that add up to ``n``.
+
+    Examples
+    --------
+    >>> from normlab.functional import ghost_chunks
+    >>> ghost_chunks(10, 4), ghost_chunks(9, 4), ghost_chunks(3, 4)
+    ([4, 4, 2], [4, 5], [3])
+    """
     if n <= virtual_batch_size:
         return [n]
     full, rest = divmod(n, virtual_batch_size)

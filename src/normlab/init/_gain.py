@@ -58,7 +58,30 @@ def _activation(name: str, param: float | None) -> torch.nn.Module:
 
 @functools.cache
 def second_moment_gain(name: str, param: float | None = None, nodes: int = 200) -> float:
-    """``1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)``, by Gauss–Hermite quadrature."""
+    """``1 / sqrt(E[f(z)^2])``, ``z ~ N(0, 1)``, by Gauss–Hermite quadrature.
+
+    The gain that keeps the second moment of activations at 1 through a layer followed by
+    ``f`` (the rule behind He's √2 for ReLU), for activations torch's table lacks.
+
+    Parameters
+    ----------
+    name : str
+        ``"gelu"``, ``"silu"``/``"swish"``, ``"mish"``, ``"elu"`` or ``"softplus"``.
+    param : float, optional
+        elu's alpha or softplus's beta.
+    nodes : int
+        Quadrature nodes.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> from normlab.init import second_moment_gain
+    >>> round(second_moment_gain("gelu"), 2), round(second_moment_gain("silu"), 2)
+    (1.53, 1.68)
+    """
     z, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(-z²/2)
     fz = _activation(name, param)(torch.from_numpy(z)).double().numpy()
     moment = float(np.sum(w * fz**2) / math.sqrt(2 * math.pi))
@@ -66,7 +89,34 @@ def second_moment_gain(name: str, param: float | None = None, nodes: int = 200) 
 
 
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
-    """The recommended gain for ``nonlinearity`` (torch's table, extended by the second-moment rule)."""
+    """The recommended gain for ``nonlinearity`` (torch's table, extended by the second-moment rule).
+
+    torch's names (``"relu"``, ``"tanh"``, ``"leaky_relu"``, ``"selu"``, ``"conv2d"``, …) get
+    torch's values; ``"gelu"``, ``"silu"``, ``"swish"``, ``"mish"``, ``"elu"`` and
+    ``"softplus"`` get :func:`second_moment_gain`.
+
+    Parameters
+    ----------
+    nonlinearity : str
+        One of :data:`KNOWN_NONLINEARITIES`.
+    param : float, optional
+        leaky_relu's negative slope, elu's alpha, softplus's beta.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        An unknown nonlinearity (the message lists the known ones).
+
+    Examples
+    --------
+    >>> from normlab.init import calculate_gain
+    >>> round(calculate_gain("relu"), 4), round(calculate_gain("gelu"), 2), calculate_gain("linear")
+    (1.4142, 1.53, 1.0)
+    """
     if nonlinearity in _TORCH_NAMES:
         return float(torch.nn.init.calculate_gain(nonlinearity, param))  # type: ignore[arg-type]
     if nonlinearity in _RULE_NAMES:

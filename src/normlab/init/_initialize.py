@@ -124,7 +124,33 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def find_activations(model: nn.Module) -> tuple[dict[str, tuple[str, float | None]], str]:
-    """``{layer path: (activation, param)}`` for every Conv/Linear, and the method used (fx/order)."""
+    """The activation that follows every Conv/Linear of ``model``.
+
+    Found by tracing the model with ``torch.fx`` and following each layer's output through
+    shape-preserving steps (norms, dropout, pooling, reshapes) to its activation; when the
+    model does not trace, by module order.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model.
+
+    Returns
+    -------
+    (dict, str)
+        ``{layer path: (activation, param)}`` (``("linear", None)`` where no activation
+        follows; ``param`` is e.g. leaky_relu's slope) and the method used, ``"fx"`` or
+        ``"module order"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.init import find_activations
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+    ...                             torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 2))
+    >>> find_activations(model)
+    ({'0': ('leaky_relu', 0.2), '3': ('linear', None)}, 'fx')
+    """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
     try:
         graph = NormLeafTracer().trace(model)
@@ -168,7 +194,25 @@ def _by_module_order(model: nn.Module) -> dict[str, tuple[str, float | None]]:
 
 @dataclass
 class InitReport:
-    """One row per initialized layer: path, weight shape, scheme, activation, gain, resulting std."""
+    """What :func:`initialize` did: one row per initialized layer; prints as a table.
+
+    Parameters
+    ----------
+    method : str
+        How the activations were found: ``"fx"`` or ``"module order"``.
+    rows : list of tuple
+        ``(path, weight shape, scheme, activation, gain, resulting std)`` per layer.
+    zeroed_residual : list of str
+        Norm layers whose γ was zeroed (``zero_init_residual``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.init import initialize
+    >>> report = initialize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh()))
+    >>> report.method, report.rows[0][:4]
+    ('fx', ('0', (8, 4), 'xavier', 'tanh'))
+    """
 
     method: str
     rows: list[tuple[str, tuple[int, ...], str, str, float, float]] = field(default_factory=list)
@@ -302,6 +346,36 @@ def initialize(
     ``"normal"`` (std 0.01). Biases are zeroed; norm layers get γ = 1, β = 0.
     ``zero_init_residual`` zeroes the last norm γ of each residual block found (a
     submodule adding a normalized branch to its input), Goyal et al. 2017.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Initialized in place.
+    scheme : {"auto", "he", "xavier", "lecun", "orthogonal", "normal"}
+        The rule (see above).
+    zero_init_residual : bool
+        Zero the γ of the last norm layer on each residual branch.
+    generator : torch.Generator, optional
+        The random source (default: torch's global one).
+
+    Returns
+    -------
+    InitReport
+        One row per layer (path, shape, scheme, activation, gain, std); ``print`` it.
+
+    Raises
+    ------
+    ValueError
+        An unknown scheme.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.init import initialize
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    >>> report = initialize(model, generator=torch.Generator().manual_seed(0))
+    >>> [(row[0], row[2], row[3], round(row[4], 3)) for row in report.rows]
+    [('0', 'he', 'relu', 1.414), ('2', 'xavier', 'linear', 1.0)]
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")

@@ -102,8 +102,20 @@ def _paths() -> tuple[Path, str, Path]:
 class KernelError(RuntimeError):
     """The fused kernels cannot be used; the message says why.
 
-    ``refused``: the kernels exist but were refused (foreign owner, writable by others, ops
-    missing) — worth a warning, unlike a machine without a compiler.
+    Parameters
+    ----------
+    message : str
+        Why.
+    refused : bool
+        The kernels exist but were refused (foreign owner, writable by others, ops
+        missing) — worth a warning, unlike a machine without a compiler.
+
+    Examples
+    --------
+    >>> from normlab.kernels import KernelError
+    >>> err = KernelError("no C++ compiler")
+    >>> str(err), err.refused
+    ('no C++ compiler', False)
     """
 
     def __init__(self, message: str, *, refused: bool = False) -> None:
@@ -301,7 +313,33 @@ def load_fused() -> Any | None:
 
 
 def require_fused(*, announce: bool = True) -> Any:
-    """The ops namespace, or :class:`KernelError` saying why the kernels cannot be used."""
+    """The kernels' ops namespace, compiling them first if needed.
+
+    Parameters
+    ----------
+    announce : bool
+        Log a line when a compilation starts (it takes 15–60 s).
+
+    Returns
+    -------
+    object
+        ``torch.ops.normlab_fused``-style namespace of the C++ entry points.
+
+    Raises
+    ------
+    KernelError
+        The kernels cannot be used; the message says why and where the cache is.
+
+    Examples
+    --------
+    >>> from normlab.kernels import KernelError, require_fused
+    >>> try:
+    ...     ops = require_fused(announce=False)
+    ... except KernelError:                # e.g. no C++ compiler on this machine
+    ...     ops = None
+    >>> ops is None or hasattr(ops, "forward_train")
+    True
+    """
     ops, error = _load(announce)
     if error is not None:
         raise KernelError(
@@ -314,7 +352,28 @@ def require_fused(*, announce: bool = True) -> Any:
 
 @dataclass(frozen=True)
 class KernelStatus:
-    """What ``normlab kernels status`` reports."""
+    """What ``normlab kernels status`` reports (:func:`kernel_status`).
+
+    Parameters
+    ----------
+    cache : Path
+        The cache folder (``$NORMLAB_KERNEL_CACHE`` or ``~/.cache/normlab/kernels``).
+    library : Path
+        Where this machine's and torch version's library is (or would be).
+    built : bool
+        The library exists.
+    usable : bool
+        It exists and passes the ownership checks.
+    reason : str or None
+        Why it is not usable.
+
+    Examples
+    --------
+    >>> from normlab.kernels import kernel_status
+    >>> status = kernel_status()
+    >>> status.usable == (status.reason is None)
+    True
+    """
 
     cache: Path
     library: Path
@@ -324,7 +383,18 @@ class KernelStatus:
 
 
 def kernel_status() -> KernelStatus:
-    """Where the cache is and whether the kernels are built and usable (nothing is compiled)."""
+    """Where the cache is and whether the kernels are built and usable (nothing is compiled).
+
+    Returns
+    -------
+    KernelStatus
+
+    Examples
+    --------
+    >>> from normlab.kernels import kernel_status
+    >>> kernel_status().library.suffix
+    '.so'
+    """
     root, _, library = _paths()
     reason: str | None = None
     try:
@@ -343,6 +413,32 @@ def kernel_status() -> KernelStatus:
 
 
 def build_kernels(*, announce: bool = True) -> Path:
-    """Compile (if needed) and load the kernels; the library's path. Raises :class:`KernelError`."""
+    """Compile (if needed) and load the kernels — what ``normlab kernels build`` runs.
+
+    Parameters
+    ----------
+    announce : bool
+        Log a line when a compilation starts.
+
+    Returns
+    -------
+    Path
+        The compiled library.
+
+    Raises
+    ------
+    KernelError
+        No compiler, a refused cache, or a failed build; the message says which.
+
+    Examples
+    --------
+    >>> from normlab.kernels import KernelError, build_kernels
+    >>> try:
+    ...     library = build_kernels(announce=False)
+    ... except KernelError:                # e.g. no C++ compiler on this machine
+    ...     library = None
+    >>> library is None or library.suffix == ".so"
+    True
+    """
     require_fused(announce=announce)
     return _paths()[2]

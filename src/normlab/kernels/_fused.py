@@ -26,7 +26,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def fused_available() -> bool:
-    """Whether the fused kernels are usable (compiling them now if needed)."""
+    """Whether the fused kernels are usable (compiling them now if needed).
+
+    The first call in a process may compile them (15–60 s, once per machine and torch
+    version; ``normlab kernels build`` does it ahead of time); without a C++ compiler it is
+    ``False`` and ``backend="auto"`` uses ATen.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> from normlab.kernels import fused_available
+    >>> isinstance(fused_available(), bool)
+    True
+    """
     return load_fused() is not None
 
 
@@ -46,7 +61,15 @@ class FusedKernel:
     ``(N, C, *)`` input in any layout (NCHW and channels_last run natively, anything else is
     made contiguous); statistics in float32 for fp16/bf16 input (else the input dtype),
     biased ``var``. No mask. :func:`~normlab.functional.resolve_kernel` hands it only inputs
-    it serves; the C++ entry points check their arguments again.
+    it serves; the C++ entry points check their arguments again. Its static methods implement
+    :class:`~normlab.functional.BatchNormKernel`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.kernels import FusedKernel
+    >>> FusedKernel.serves_input(torch.randn(4, 3, 8)), FusedKernel.serves_input(torch.zeros(4, dtype=torch.long))
+    (True, False)
     """
 
     name = "fused"
@@ -56,11 +79,22 @@ class FusedKernel:
 
     @staticmethod
     def serves_input(x: Tensor) -> bool:
-        """CPU, a floating dtype, non-empty, at least 2-D (whether the kernels are built aside)."""
+        """CPU, a floating dtype, non-empty, at least 2-D (whether the kernels are built aside).
+
+        Parameters
+        ----------
+        x : Tensor
+            The input.
+
+        Returns
+        -------
+        bool
+        """
         return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0 and x.dim() >= 2
 
     @staticmethod
     def serves(x: Tensor) -> bool:
+        """:meth:`serves_input` and the kernels are built and usable."""
         return FusedKernel.serves_input(x) and fused_available()
 
     @staticmethod

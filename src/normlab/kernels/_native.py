@@ -26,6 +26,16 @@ class NativeKernel:
     formula for ``native_batch_norm`` *is* the closed-form backward, in C++, so plain batch
     norm uses it directly instead of a Python ``autograd.Function`` (tens of microseconds a
     call). It fuses no activation and takes no chunks; :mod:`normlab.functional` composes them.
+    Its static methods implement :class:`~normlab.functional.BatchNormKernel`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.kernels import NativeKernel
+    >>> x = torch.randn(8, 3, 5)
+    >>> y, mean, var, invstd = NativeKernel.forward_train(x, None, None, 1e-5)
+    >>> y.shape, torch.allclose(var, x.var((0, 2), unbiased=False))
+    (torch.Size([8, 3, 5]), True)
     """
 
     name = "native"
@@ -35,6 +45,7 @@ class NativeKernel:
 
     @staticmethod
     def serves(x: Tensor) -> bool:
+        """Every input ATen takes."""
         return True
 
     @staticmethod

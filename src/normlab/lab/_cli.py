@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 
+from .._cli_support import PlainCommand, PlainGroup
 from .data import DATASETS, FILE_DATASETS, DatasetError
 from .store import LabWarning, StoreError
 
 lab_app = typer.Typer(
-    help="Reproduce the papers' claims on real data: run, report, check.", no_args_is_help=True
+    help="Reproduce the papers' claims on real data: run, report, check.",
+    no_args_is_help=True,
+    cls=PlainGroup,
+    rich_markup_mode="markdown",
 )
 
 OutOption = Annotated[Path, typer.Option("--out", help="Results folder.")]
@@ -74,48 +78,190 @@ def _claims_table(records: list[dict[str, Any]]) -> None:
     Console().print(table)
 
 
-@lab_app.command("list")
-def list_experiments() -> None:
-    """One experiment per line: name, paper, estimated minutes (quick / full, digits, 2 cores)."""
+class DatasetName(StrEnum):
+    """``--dataset``'s choices (:data:`normlab.lab.data.DATASETS`)."""
+
+    digits = "digits"
+    fashion_mnist = "fashion-mnist"
+    mnist = "mnist"
+    cifar10 = "cifar10"
+    synthetic = "synthetic"
+
+
+def _complete_experiment(incomplete: str) -> list[str]:
+    """Shell completion for experiment names (imports the registry only when asked)."""
     from .experiments import REGISTRY
 
+    return [n for n in (*REGISTRY, "all") if n.startswith(incomplete)]
+
+
+@lab_app.command("list", cls=PlainCommand)
+def list_experiments() -> None:
+    """One experiment per line: name, paper, and estimated minutes on digits (2 cores) for a
+    quick and a full run."""
+    from rich.table import Table
+
+    from .._cli_support import print_table
+    from .experiments import REGISTRY
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("experiment", no_wrap=True)
+    table.add_column("paper", overflow="fold")
+    table.add_column("quick", justify="right", no_wrap=True)
+    table.add_column("full", justify="right", no_wrap=True)
     for exp in REGISTRY.values():
-        typer.echo(
-            f"{exp.name:<22} {exp.paper:<45} ~{exp.minutes_quick:g} min quick / ~{exp.minutes_full:g} min full"
+        table.add_row(
+            exp.name, exp.paper, f"~{exp.minutes_quick:g} min", f"~{exp.minutes_full:g} min"
+        )
+    print_table(table)
+
+
+class _RunDisplay:
+    """``lab run``'s progress: a live bar per experiment and an ETA on a terminal; otherwise
+    one plain line per finished unit on stdout (name, seconds, units done/total, ETA)."""
+
+    def __init__(self, units: dict[str, tuple[int, float]], console: Any) -> None:
+        from .progress import SuiteClock
+
+        self.clock = SuiteClock(units)
+        self.units = units
+        self.console = console
+        self.done = dict.fromkeys(units, 0)
+        self.bar: Any = None
+
+    def __enter__(self) -> _RunDisplay:
+        from .._cli_support import interactive
+
+        if interactive():
+            self.bar = self._live_bar()
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def _live_bar(self) -> Any:
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
+        from rich.text import Text
+
+        from .progress import format_duration
+
+        clock = self.clock
+
+        class Eta(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                if not task.fields.get("suite"):
+                    return Text("")
+                return Text(
+                    f"ETA {format_duration(clock.eta())}" if clock.done < clock.total else "done"
+                )
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=None),
+            TextColumn("{task.fields[count]}", justify="right"),
+            Eta(),
+            console=self.console,
+            expand=True,
+        )
+        self.tasks = {
+            name: bar.add_task(name, total=n, count=f"0/{n}") for name, (n, _) in self.units.items()
+        }
+        self.suite = bar.add_task("total", total=clock.total, count=f"0/{clock.total}", suite=True)
+        return bar
+
+    def _show(self, name: str) -> None:
+        if self.bar is None:
+            return
+        n = self.units[name][0]
+        fraction = self.clock.fraction if self.clock.current == name else 0.0
+        self.bar.update(
+            self.tasks[name], completed=self.done[name] + fraction, count=f"{self.done[name]}/{n}"
+        )
+        self.bar.update(
+            self.suite,
+            completed=self.clock.done + self.clock.fraction,
+            count=f"{self.clock.done}/{self.clock.total}",
         )
 
+    def start(self, name: str, cfg: dict[str, Any]) -> None:
+        self.clock.start(name)
+        self._show(name)
 
-@lab_app.command()
+    def advance(self, name: str, cfg: dict[str, Any], fraction: float) -> None:
+        self.clock.advance(name, fraction)
+        self._show(name)
+
+    def finish(self, name: str, cfg: dict[str, Any]) -> None:
+        from .progress import format_duration
+
+        seconds = self.clock.finish(name)
+        self.done[name] += 1
+        self._show(name)
+        if self.bar is None:
+            took = "already done" if seconds is None else f"{seconds:.1f} s"
+            print(
+                f"{name}: {took}, {self.clock.done}/{self.clock.total} units, "
+                f"ETA {format_duration(self.clock.eta())}",
+                flush=True,
+            )
+
+    def waiting(self, name: str, cfg: dict[str, Any], owner: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"{name}: waiting for a unit claimed by {escape(owner)}")
+
+
+@lab_app.command(cls=PlainCommand)
 def run(
-    names: Annotated[list[str], typer.Argument(help="Experiment names, or 'all'.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="EXPERIMENT",
+            help="Experiment names (`normlab lab list`), or 'all'.",
+            autocompletion=_complete_experiment,
+            show_default=False,
+        ),
+    ],
     quick: Annotated[
         bool,
         typer.Option(
+            metavar="",
             help="Fewer seeds (3), the quick configuration, and a fixed 5k-sample training subset on "
-            "fashion-mnist, mnist and cifar10."
+            "fashion-mnist, mnist and cifar10.",
         ),
     ] = False,
-    dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")] = "digits",
+    dataset: Annotated[
+        DatasetName,
+        typer.Option(metavar="NAME", help=f"The data: {', '.join(DATASETS)}."),
+    ] = DatasetName.digits,
     data_dir: Annotated[
         Path | None,
         typer.Option(
             exists=True,
             file_okay=False,
+            metavar="DIR",
             help=f"Folder with the files of {', '.join(FILE_DATASETS)} (the only folder read).",
         ),
     ] = None,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Number of seeds (default 3 quick, 5 full).")
+        int | None,
+        typer.Option(metavar="N", min=1, help="Number of seeds (default 3 quick, 5 full)."),
     ] = None,
-    out: OutOption = Path("runs"),
-    force: Annotated[bool, typer.Option(help="Rerun units that already have results.")] = False,
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Results folder.")] = Path(
+        "runs"
+    ),
+    force: Annotated[
+        bool, typer.Option(metavar="", help="Rerun units that already have results.")
+    ] = False,
     threads: Annotated[
         int,
         typer.Option(
+            metavar="N",
             min=0,
-            help="torch intra-op threads; 0 (default) keeps torch's default, one per core. On 2 cores the "
-            "digits quick suite takes ~140 s with 2 threads and ~170 s with 1; use 1 on a machine shared "
-            "with other jobs.",
+            help="torch intra-op threads; 0 keeps torch's default, one per core. Use 1 on a "
+            "machine shared with other jobs.",
         ),
     ] = 0,
 ) -> None:
@@ -123,10 +269,9 @@ def run(
 
     Several processes may run on the same --out at once (one machine, or a Slurm job array on a
     shared filesystem): each unit is claimed before it is trained, so none is trained twice.
+    On a terminal, progress is a live bar per experiment with an ETA; otherwise one line per
+    finished unit: name, seconds, units done/total, ETA.
     """
-    from rich.markup import escape
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .experiments import REGISTRY
     from .runner import load_claims, run_suite
     from .store import check_results_folder
@@ -134,14 +279,14 @@ def run(
     chosen = list(REGISTRY) if names == ["all"] else names
     unknown = [n for n in chosen if n not in REGISTRY]
     if unknown:
-        raise typer.BadParameter(f"unknown experiment(s) {unknown}; `normlab lab list` shows them")
-    if dataset not in DATASETS:
         raise typer.BadParameter(
-            f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}"
+            f"unknown experiment(s) {unknown}; `normlab lab list` shows them",
+            param_hint="'EXPERIMENT...'",
         )
-    if data_dir is not None and dataset not in FILE_DATASETS:
+    data_name = DatasetName(dataset).value
+    if data_dir is not None and data_name not in FILE_DATASETS:
         raise typer.BadParameter(
-            f"--data-dir is only read for {', '.join(FILE_DATASETS)}; {dataset} is built in"
+            f"--data-dir is only read for {', '.join(FILE_DATASETS)}; {data_name} is built in"
         )
     try:
         check_results_folder(out)
@@ -151,58 +296,39 @@ def run(
         torch.set_num_threads(threads)
     seed_list = list(range(seeds if seeds is not None else (3 if quick else 5)))
     console = _console()
-    tty = sys.stderr.isatty()
     start = time.perf_counter()
-    with (
-        _lab_warnings(console),
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} units"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not tty,
-        ) as bar,
-    ):
-        tasks = {
-            name: bar.add_task(
-                name,
-                total=len(REGISTRY[name].configs(quick=quick, seeds=seed_list, dataset=dataset)),
-            )
-            for name in chosen
-        }
-
-        def waiting(name: str, cfg: dict[str, Any], owner: str) -> None:
-            console.print(f"{name}: waiting for a unit claimed by {escape(owner)}")
-
+    units = {}
+    for name in chosen:
+        exp = REGISTRY[name]
+        n = len(exp.configs(quick=quick, seeds=seed_list, dataset=data_name))
+        minutes = getattr(exp, "minutes_quick" if quick else "minutes_full", None) or 0.5
+        units[name] = (n, 60.0 * float(minutes))
+    with _lab_warnings(console), _RunDisplay(units, console) as display:
         try:
-            for exp, claims in run_suite(
+            for _ in run_suite(
                 chosen,
-                dataset,
+                data_name,
                 seeds=seed_list,
                 quick=quick,
                 out=out,
                 data_dir=data_dir,
                 force=force,
-                on_unit=lambda name, _: bar.advance(tasks[name]),
-                on_wait=waiting,
+                on_unit=display.finish,
+                on_wait=display.waiting,
+                on_start=display.start,
+                on_progress=display.advance,
             ):
-                verdict = (
-                    ", ".join(f"{c.claim.name} {'PASS' if c.passed else 'FAIL'}" for c in claims)
-                    or "report only"
-                )
-                if not tty:
-                    console.print(f"{exp.name}: {verdict} ({time.perf_counter() - start:.1f} s)")
+                pass
         except (DatasetError, StoreError) as exc:
             raise _error(exc) from exc
-        records = load_claims(out, experiments=chosen, dataset=dataset)
+        records = load_claims(out, experiments=chosen, dataset=data_name)
     _claims_table(records)
     console.print(
         f"{len(chosen)} experiment(s) in {time.perf_counter() - start:.0f} s; results in {out}/"
     )
 
 
-@lab_app.command()
+@lab_app.command(cls=PlainCommand)
 def report(
     out: OutOption = Path("runs"),
     to: Annotated[
@@ -233,7 +359,7 @@ def report(
     typer.echo(f"report: {md}\nreport: {page}")
 
 
-@lab_app.command()
+@lab_app.command(cls=PlainCommand)
 def check(out: OutOption = Path("runs")) -> None:
     """Exit 0 when every claim under --out passes, 1 when any fails, 2 when no experiment ran or
     some results are damaged (each skipped file is named; claims are checked against their units'

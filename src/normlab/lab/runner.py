@@ -13,6 +13,7 @@ from typing import Any
 
 from .data import FILE_DATASETS, Dataset, load_dataset
 from .experiments import REGISTRY, Claim, ClaimResult, Experiment, Results
+from .progress import reporting_to
 from .store import (
     DamagedFileError,
     LabWarning,
@@ -71,6 +72,8 @@ def run_suite(
     data: Dataset | None = None,
     on_unit: Callable[[str, dict[str, Any]], None] | None = None,
     on_wait: Callable[[str, dict[str, Any], str], None] | None = None,
+    on_start: Callable[[str, dict[str, Any]], None] | None = None,
+    on_progress: Callable[[str, dict[str, Any], float], None] | None = None,
 ) -> Iterator[tuple[Experiment, list[ClaimResult]]]:
     """Run (or resume) every unit of ``experiments`` on ``dataset``; yield each experiment's claims
     (also written to its ``claims.json``) as soon as all its units are finished.
@@ -95,9 +98,16 @@ def run_suite(
     data : Dataset, optional
         Use this dataset instead of loading ``dataset``.
     on_unit : callable, optional
-        ``on_unit(experiment, config)`` once per unit, when it is finished.
+        ``on_unit(experiment, config)`` once per unit, when it is finished (trained here, or
+        found finished: by an earlier run or another process).
     on_wait : callable, optional
         ``on_wait(experiment, config, owner)`` before waiting for a unit another process trains.
+    on_start : callable, optional
+        ``on_start(experiment, config)`` when this process starts training a unit.
+    on_progress : callable, optional
+        ``on_progress(experiment, config, fraction)`` whenever the unit in training calls
+        :func:`normlab.lab.progress.report_progress` (optional for an experiment: one that
+        never does advances only through ``on_unit``).
 
     Yields
     ------
@@ -147,8 +157,16 @@ def run_suite(
             if held and not finished(plan, cfg):  # another process may have finished it meanwhile
                 ds = get_data()
                 plan.store.begin(cfg)
+                if on_start is not None:
+                    on_start(plan.exp.name, cfg)
+                report = (
+                    None
+                    if on_progress is None
+                    else lambda fraction: on_progress(plan.exp.name, cfg, fraction)
+                )
                 start = time.perf_counter()
-                metrics = plan.exp.run(cfg, ds, progress=progress)
+                with reporting_to(report):
+                    metrics = plan.exp.run(cfg, ds, progress=progress)
                 seconds = time.perf_counter() - start
                 plan.store.finish(cfg, metrics, provenance(ds.checksum), seconds)
                 finished(plan, cfg)

@@ -70,7 +70,17 @@ def _check_bool(value: Any, name: str) -> bool:
 
 
 class NormBase(_BatchNorm):
-    """Shared machinery of normlab's batch-norm layers (a ``torch.nn.modules.batchnorm._BatchNorm``).
+    r"""Shared machinery of normlab's batch-norm layers (a ``torch.nn.modules.batchnorm._BatchNorm``).
+
+    In training, each channel is normalized with the batch's mean and *biased* variance over
+    every axis but the channel axis, and the running statistics move toward the batch's mean
+    and *unbiased* variance: ``running = (1 − momentum)·running + momentum·batch``. In eval the
+    running statistics are used (batch statistics when ``track_running_stats=False``):
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    The concrete classes (:class:`BatchNorm2d`, …) fix the input rank; this base class takes
+    any ``(N, C, *)`` input.
 
     Parameters
     ----------
@@ -81,30 +91,47 @@ class NormBase(_BatchNorm):
     momentum : float or None
         Running-statistics factor in ``[0, 1]``; ``None`` is the cumulative average.
     affine : bool
-        Learnable γ and β.
+        Learnable γ (``weight``, shape ``(C,)``) and β (``bias``, shape ``(C,)``).
     track_running_stats : bool
-        Keep running mean/variance (used in eval).
-    device, dtype :
-        Where and how parameters and buffers are created.
-    bias : bool, keyword-only
+        Keep running mean/variance (buffers of shape ``(C,)``, used in eval).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    bias : bool
         With ``affine``, a learnable β (torch 2.13's ``bias=``); ``False`` keeps γ only.
-    nonfinite : {"skip", "raise", "propagate"}, keyword-only
+    nonfinite : {"skip", "raise", "propagate"}
         A training batch whose statistics are NaN/Inf in some channels: ``"skip"`` (default)
         leaves those channels' running statistics unchanged and warns naming them;
         ``"raise"`` raises ``FloatingPointError``; ``"propagate"`` is torch's behaviour.
-    single_sample : {"raise", "running"}, keyword-only
+    single_sample : {"raise", "running"}
         A training batch with one value per channel: torch's error, or normalize it with
         the running statistics (leaving them unchanged).
-    backend : {"auto", "reference", "native", "fused"}, keyword-only
+    backend : {"auto", "reference", "native", "fused"}
         See :func:`normlab.functional.batch_norm`.
-    channel_axis : {1, -1}, keyword-only
+    channel_axis : {1, -1}
         ``-1`` takes ``(N, L, C)`` sequences (layers that accept 3D input only).
 
     Notes
     -----
+    Shapes: ``forward(input, mask=None)`` takes ``(N, C, *)`` (``(N, *, C)`` with
+    ``channel_axis=-1``) and returns a tensor of the same shape, dtype and memory format;
+    ``mask`` is a bool tensor of the input's shape without the channel axis.
+
     Eager forward and a ``torch.fx`` trace run the same function,
     :func:`normlab.functional.batch_norm_layer`; ``torch.jit.script`` is not supported
     (use ``torch.export`` or ``torch.compile``).
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> bn = normlab.nn.BatchNorm2d(3, nonfinite="skip")
+    >>> x = torch.randn(4, 3, 5, 5)
+    >>> x[0, 1, 0, 0] = float("nan")                    # one bad value in channel 1
+    >>> with __import__("warnings").catch_warnings(record=True):
+    ...     y = bn(x)
+    >>> bn.running_mean.isfinite().all().item()         # channel 1's running stats untouched
+    True
     """
 
     kind: ClassVar[str] = "batchnorm"
@@ -139,6 +166,7 @@ class NormBase(_BatchNorm):
         backend: str = "auto",
         channel_axis: int = 1,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         check_num_features(num_features)
         eps = check_eps(eps)
         momentum = check_momentum(momentum)
@@ -172,7 +200,20 @@ class NormBase(_BatchNorm):
 
     # --- self-description -------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Every constructor argument that rebuilds this layer (torch's and normlab's options)."""
+        """Every constructor argument that rebuilds this layer (torch's and normlab's options).
+
+        Returns
+        -------
+        dict
+            Keyword arguments: ``type(layer)(**layer.config())`` is an equivalent fresh layer.
+
+        Examples
+        --------
+        >>> import normlab
+        >>> cfg = normlab.nn.BatchNorm2d(8, momentum=None, nonfinite="raise").config()
+        >>> cfg["momentum"], cfg["nonfinite"], cfg["backend"]
+        (None, 'raise', 'auto')
+        """
         return {
             "num_features": self.num_features,
             "eps": self.eps,
@@ -232,8 +273,30 @@ class NormBase(_BatchNorm):
         return {}
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Normalize ``input``; ``mask`` (bool, the input's shape without the channel axis)
-        marks valid positions: statistics use only those, the others output β."""
+        """Normalize ``input`` (batch statistics in training, running statistics in eval).
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, *)
+            ``(N, *, C)`` with ``channel_axis=-1``; floating point.
+        mask : Tensor of bool, optional
+            The input's shape without the channel axis, e.g. ``(N, L)``: ``True`` marks valid
+            positions. Statistics use only those; the others output β.
+
+        Returns
+        -------
+        Tensor
+            The input's shape, dtype and memory format.
+
+        Examples
+        --------
+        >>> import torch, normlab
+        >>> bn = normlab.nn.BatchNorm1d(2)
+        >>> x, mask = torch.randn(3, 2, 4), torch.tensor([[1, 1, 0, 0]] * 3).bool()
+        >>> y = bn(x, mask)
+        >>> y[..., :2].mean().abs().item() < 1e-5      # zero mean over the valid positions
+        True
+        """
         if not self._buffers_checked and not _fx_tracing():  # once
             self._buffers_checked = True
             self._report_nonfinite_buffers("in use")
@@ -308,9 +371,28 @@ class NormBase(_BatchNorm):
 
 
 class ActivationOptions:
-    """The activation a layer applies after its affine map: ``activation`` (``None``,
-    ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``) with
-    ``negative_slope`` (leaky_relu) and ``alpha`` (elu)."""
+    """Mixin: the activation a layer applies after its affine map.
+
+    Used by :class:`BatchNormAct2d`, :class:`SyncBatchNorm` and :class:`FrozenBatchNorm2d`
+    (and their 1d/3d siblings); a user does not create it directly.
+
+    Attributes
+    ----------
+    activation : str or None
+        ``None``, ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"`` or
+        ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs.
+    alpha : float
+        ``elu``'s scale for negative inputs.
+
+    Examples
+    --------
+    >>> import normlab
+    >>> layer = normlab.nn.BatchNormAct2d(4, activation="elu", alpha=0.5)
+    >>> layer.activation, layer.alpha, layer.act.name
+    ('elu', 0.5, 'elu')
+    """
 
     ACTIVATION_OPTIONS: ClassVar[dict[str, Any]] = {
         "activation": None,
@@ -386,7 +468,24 @@ def _short(value: Any) -> str:
 # --- the registry ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerDescription:
-    """What a batch-norm layer is: its kind, spatial rank and every constructor argument."""
+    """What a batch-norm layer is: its kind, spatial rank and every constructor argument.
+
+    Parameters
+    ----------
+    kind : str
+        ``"batchnorm"``, ``"bnact"``, ``"renorm"``, ``"ghost"``, ``"sync"`` or ``"frozen"``.
+    spatial : int or None
+        The input's spatial rank (1, 2, 3) the class is for; ``None`` for rank-agnostic ones.
+    config : dict
+        Keyword arguments that rebuild the layer.
+
+    Examples
+    --------
+    >>> import normlab
+    >>> d = normlab.nn.describe(normlab.nn.GhostBatchNorm2d(4, virtual_batch_size=8))
+    >>> d.kind, d.spatial, d.config["virtual_batch_size"]
+    ('ghost', 2, 8)
+    """
 
     kind: str
     spatial: int | None
@@ -406,7 +505,28 @@ _TORCH_SPATIAL: dict[type[nn.Module], int | None] = {
 
 def describe(module: nn.Module) -> LayerDescription:
     """The :class:`LayerDescription` of a batch-norm layer — normlab's, torch's or a
-    ``FrozenBatchNorm*``; ``TypeError`` for anything else."""
+    ``FrozenBatchNorm*`` (normlab's or another library's).
+
+    Parameters
+    ----------
+    module : nn.Module
+        A batch-norm layer.
+
+    Returns
+    -------
+    LayerDescription
+
+    Raises
+    ------
+    TypeError
+        ``module`` is not a batch-norm layer.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.describe(torch.nn.BatchNorm1d(3, momentum=None))
+    LayerDescription(kind='batchnorm', spatial=1, config={'num_features': 3, 'eps': 1e-05, 'momentum': None, 'affine': True, 'track_running_stats': True, 'bias': True})
+    """
     describe_self = getattr(module, "describe", None)
     if callable(describe_self):
         description: LayerDescription = describe_self()
@@ -441,7 +561,30 @@ def describe(module: nn.Module) -> LayerDescription:
 
 
 def layer_class(kind: str, spatial: int | None) -> type[nn.Module]:
-    """normlab's class for ``kind`` at ``spatial`` rank (``None``: rank-agnostic classes)."""
+    """normlab's class for ``kind`` at ``spatial`` rank.
+
+    Parameters
+    ----------
+    kind : str
+        A registered kind (:func:`registered_kinds`).
+    spatial : int or None
+        1, 2 or 3; a rank-agnostic class (``SyncBatchNorm``) is found for any.
+
+    Returns
+    -------
+    type
+
+    Raises
+    ------
+    ValueError
+        normlab has no such layer (the message names the ranks it has).
+
+    Examples
+    --------
+    >>> import normlab
+    >>> normlab.nn.layer_class("renorm", 2).__name__, normlab.nn.layer_class("sync", 3).__name__
+    ('BatchRenorm2d', 'SyncBatchNorm')
+    """
     for key in ((kind, spatial), (kind, None)):
         if key in _REGISTRY:
             return _REGISTRY[key]
@@ -453,5 +596,17 @@ def layer_class(kind: str, spatial: int | None) -> type[nn.Module]:
 
 
 def registered_kinds() -> dict[tuple[str, int | None], type[nn.Module]]:
-    """Every registered ``(kind, spatial rank) -> class``."""
+    """Every registered layer class.
+
+    Returns
+    -------
+    dict
+        ``(kind, spatial rank) -> class`` (a copy).
+
+    Examples
+    --------
+    >>> import normlab
+    >>> normlab.nn.registered_kinds()[("bnact", 2)].__name__
+    'BatchNormAct2d'
+    """
     return dict(_REGISTRY)

@@ -18,6 +18,33 @@ class BatchNorm1d(NormBase):
     over the valid (``True``) positions only, and the options of :class:`NormBase`
     (``nonfinite``, ``single_sample``, ``backend``).
 
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    bias : bool
+        With ``affine``, a learnable β (torch 2.13's ``bias=``, default True).
+    nonfinite : {"skip", "raise", "propagate"}
+        A training batch with NaN/Inf statistics: see :class:`NormBase`.
+    single_sample : {"raise", "running"}
+        A training batch with one value per channel: see :class:`NormBase`.
+    backend : {"auto", "reference", "native", "fused"}
+        The kernel; see :func:`normlab.functional.batch_norm`.
+    channel_axis : {1, -1}
+        ``-1`` takes ``(N, L, C)`` sequences.
+
     Examples
     --------
     >>> import torch, normlab
@@ -40,6 +67,33 @@ class BatchNorm2d(NormBase):
     Same constructor (torch 2.13's ``bias=`` included), buffers, ``state_dict`` keys, error
     messages and results as torch's; see :class:`NormBase` for normlab's options.
 
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    bias : bool
+        With ``affine``, a learnable β (torch 2.13's ``bias=``, default True).
+    nonfinite : {"skip", "raise", "propagate"}
+        A training batch with NaN/Inf statistics: see :class:`NormBase`.
+    single_sample : {"raise", "running"}
+        A training batch with one value per channel: see :class:`NormBase`.
+    backend : {"auto", "reference", "native", "fused"}
+        The kernel; see :func:`normlab.functional.batch_norm`.
+    channel_axis : {1}
+        Must be 1 here (``-1``, channels last, is for ``BatchNorm1d``'s sequences).
+
     Examples
     --------
     >>> import torch, normlab
@@ -60,6 +114,33 @@ class BatchNorm3d(NormBase):
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
     See :class:`NormBase` for normlab's options.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    bias : bool
+        With ``affine``, a learnable β (torch 2.13's ``bias=``, default True).
+    nonfinite : {"skip", "raise", "propagate"}
+        A training batch with NaN/Inf statistics: see :class:`NormBase`.
+    single_sample : {"raise", "running"}
+        A training batch with one value per channel: see :class:`NormBase`.
+    backend : {"auto", "reference", "native", "fused"}
+        The kernel; see :func:`normlab.functional.batch_norm`.
+    channel_axis : {1}
+        Must be 1 here (``-1``, channels last, is for ``BatchNorm1d``'s sequences).
 
     Examples
     --------

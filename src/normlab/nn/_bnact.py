@@ -52,6 +52,7 @@ class _BatchNormAct(ActivationOptions, NormBase):
         alpha: float = 1.0,
         **options: Any,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         if activation is None:
             raise ValueError("BatchNormAct needs an activation; use 'identity' for none")
         self._set_activation(activation, negative_slope, alpha)
@@ -65,6 +66,36 @@ class _BatchNormAct(ActivationOptions, NormBase):
 
 class BatchNormAct1d(_BatchNormAct):
     """BatchNorm1d followed by ``activation``, keeping only the output where it is invertible.
+
+    Takes ``(N, C)`` or ``(N, C, L)`` input (``(N, L, C)`` with ``channel_axis=-1``) and
+    returns the same shape.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    activation : str
+        ``"leaky_relu"``;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``
+        (``-1``: ``(N, L, C)`` input), as :class:`NormBase`.
 
     Examples
     --------
@@ -82,6 +113,35 @@ class BatchNormAct2d(_BatchNormAct):
     """BatchNorm2d followed by ``activation`` (``"leaky_relu"`` by default; ``"identity"``,
     ``"relu"``, ``"elu"``, ``"silu"``, ``"gelu"``), keeping only the output where it is invertible.
 
+    Takes ``(N, C, H, W)`` input and returns the same shape; for invertible activations the
+    backward pass rebuilds what it needs from the output (see the module docstring).
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    activation : str
+        ``"leaky_relu"``;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
     Examples
     --------
     >>> import torch, normlab
@@ -97,7 +157,43 @@ class BatchNormAct2d(_BatchNormAct):
 
 
 class BatchNormAct3d(_BatchNormAct):
-    """BatchNorm3d followed by ``activation``; see :class:`BatchNormAct2d`."""
+    """BatchNorm3d followed by ``activation`` over ``(N, C, D, H, W)``; see :class:`BatchNormAct2d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    activation : str
+        ``"leaky_relu"``;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> layer = normlab.nn.BatchNormAct3d(2, activation="identity")
+    >>> ref = torch.nn.BatchNorm3d(2)
+    >>> x = torch.randn(2, 2, 3, 3, 3)
+    >>> torch.allclose(layer(x), ref(x), atol=1e-6)
+    True
+    """
 
     _NDIM = (5,)
     spatial = 3

@@ -50,6 +50,7 @@ class _FrozenBatchNorm(ActivationOptions, nn.Module):
         alpha: float = 1.0,
         channel_axis: int = 1,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         super().__init__()
         check_num_features(num_features)
         if channel_axis not in (1, -1):
@@ -62,12 +63,43 @@ class _FrozenBatchNorm(ActivationOptions, nn.Module):
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def describe(self) -> LayerDescription:
+        """This layer's kind, rank and constructor arguments (see :func:`normlab.nn.describe`).
+
+        Returns
+        -------
+        LayerDescription
+
+        Examples
+        --------
+        >>> import normlab
+        >>> normlab.nn.FrozenBatchNorm2d(3).describe().kind
+        'frozen'
+        """
         config = {"num_features": self.num_features, "eps": self.eps}
         config.update({name: getattr(self, name) for name in self.OPTIONS})
         return LayerDescription(self.kind, self.spatial, config)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``f(x·s + (β − μ·s))``: batch norm in eval mode with the frozen buffers."""
+        """``f(x·s + (β − μ·s))``: batch norm in eval mode with the frozen buffers.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, *)
+            ``(N, *, C)`` with ``channel_axis=-1``.
+
+        Returns
+        -------
+        Tensor
+            The input's shape.
+
+        Examples
+        --------
+        >>> import torch, normlab
+        >>> frozen = normlab.nn.FrozenBatchNorm1d(3)        # identity statistics
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(frozen(x), x, atol=1e-4)
+        True
+        """
         spec = LayerSpec(
             name=f"{type(self).__name__}({self.num_features})",
             num_features=self.num_features,
@@ -106,9 +138,24 @@ class _FrozenBatchNorm(ActivationOptions, nn.Module):
         frozen copy, keeping its activation and ``channel_axis`` — detectron2's semantics for
         ``FrozenBatchNorm2d``, and the same for the 1d and 3d classes.
 
-        Values are preserved, so eval outputs are unchanged. Returns the converted module: a
-        *new* frozen layer when ``module`` itself is a batch norm, otherwise ``module`` with
-        its children replaced in place.
+        Values are preserved, so eval outputs are unchanged.
+
+        Parameters
+        ----------
+        module : nn.Module
+            A model, or a single batch-norm layer.
+
+        Returns
+        -------
+        nn.Module
+            A *new* frozen layer when ``module`` itself is a batch norm, otherwise ``module``
+            with its children replaced in place.
+
+        Raises
+        ------
+        ValueError
+            A layer to freeze tracks no running statistics, or has an option the frozen layer
+            cannot represent (the message names the layer and the option).
 
         Examples
         --------
@@ -140,14 +187,56 @@ class _FrozenBatchNorm(ActivationOptions, nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    """Frozen BatchNorm1d: loads a BatchNorm1d state dict; ``(N, C)`` or ``(N, C, L)`` input."""
+    """Frozen BatchNorm1d: loads a BatchNorm1d state dict; ``(N, C)`` or ``(N, C, L)`` input.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance (default 1e-5).
+    activation : str
+        ``None`` (default): no activation;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    channel_axis : {1, -1}
+        ``-1`` takes channels-last input such as ``(N, L, C)``.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> model = normlab.nn.FrozenBatchNorm1d.convert_frozen_batchnorm(model)
+    >>> model[1], model(torch.randn(2, 4)).shape
+    (FrozenBatchNorm1d(3, eps=1e-05), torch.Size([2, 3]))
+    """
 
     spatial = 1
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
     """BatchNorm2d whose statistics and affine parameters are fixed buffers; loads a BatchNorm2d
-    state dict (detectron2's ``FrozenBatchNorm2d``).
+    state dict (detectron2's ``FrozenBatchNorm2d``). Takes ``(N, C, H, W)`` input and returns
+    the same shape; nothing in it trains or updates, and ``train()`` changes nothing.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance (default 1e-5).
+    activation : str
+        ``None`` (default): no activation;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    channel_axis : {1, -1}
+        ``-1`` takes channels-last input such as ``(N, L, C)``.
 
     Examples
     --------
@@ -164,6 +253,29 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    """Frozen BatchNorm3d: loads a BatchNorm3d state dict."""
+    """Frozen BatchNorm3d: loads a BatchNorm3d state dict; ``(N, C, D, H, W)`` input.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance (default 1e-5).
+    activation : str
+        ``None`` (default): no activation;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    channel_axis : {1, -1}
+        ``-1`` takes channels-last input such as ``(N, L, C)``.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.FrozenBatchNorm3d(2)(torch.randn(1, 2, 2, 2, 2)).shape
+    torch.Size([1, 2, 2, 2, 2])
+    """
 
     spatial = 3

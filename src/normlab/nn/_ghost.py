@@ -37,6 +37,7 @@ class _GhostBatchNorm(NormBase):
         virtual_batch_size: int = 32,
         **options: Any,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         self.virtual_batch_size = check_positive(
             virtual_batch_size, "virtual_batch_size", integer=True, minimum=2
         )
@@ -50,6 +51,32 @@ class _GhostBatchNorm(NormBase):
 
 class GhostBatchNorm1d(_GhostBatchNorm):
     """Ghost BatchNorm over ``(N, C)`` or ``(N, C, L)``; chunks of ``virtual_batch_size`` samples.
+
+    In training each chunk of ``virtual_batch_size`` consecutive samples is normalized with
+    its own statistics (a last chunk of one sample joins the previous one); eval uses the
+    running statistics. The output has the input's shape.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    virtual_batch_size : int
+        Samples per virtual batch, ``>= 2`` (default 32); ``>= N`` is plain BatchNorm.
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``
+        (``-1``: ``(N, L, C)`` input), as :class:`NormBase`.
 
     Examples
     --------
@@ -65,14 +92,71 @@ class GhostBatchNorm1d(_GhostBatchNorm):
 
 
 class GhostBatchNorm2d(_GhostBatchNorm):
-    """Ghost BatchNorm over ``(N, C, H, W)``; see :class:`GhostBatchNorm1d`."""
+    """Ghost BatchNorm over ``(N, C, H, W)``; see :class:`GhostBatchNorm1d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    virtual_batch_size : int
+        Samples per virtual batch, ``>= 2`` (default 32); ``>= N`` is plain BatchNorm.
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> layer = normlab.nn.GhostBatchNorm2d(3, virtual_batch_size=4)
+    >>> layer(torch.randn(8, 3, 5, 5)).shape           # two virtual batches of 4
+    torch.Size([8, 3, 5, 5])
+    """
 
     _NDIM = (4,)
     spatial = 2
 
 
 class GhostBatchNorm3d(_GhostBatchNorm):
-    """Ghost BatchNorm over ``(N, C, D, H, W)``; see :class:`GhostBatchNorm1d`."""
+    """Ghost BatchNorm over ``(N, C, D, H, W)``; see :class:`GhostBatchNorm1d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    virtual_batch_size : int
+        Samples per virtual batch, ``>= 2`` (default 32); ``>= N`` is plain BatchNorm.
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.GhostBatchNorm3d(2, virtual_batch_size=2)(torch.randn(4, 2, 2, 2, 2)).shape
+    torch.Size([4, 2, 2, 2, 2])
+    """
 
     _NDIM = (5,)
     spatial = 3

@@ -57,6 +57,7 @@ class _BatchRenorm(NormBase):
         d_max: Limit = 5.0,
         **options: Any,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         if track_running_stats is not True:
             raise ValueError(
                 "Batch Renormalization corrects toward running statistics: track_running_stats must be True"
@@ -69,13 +70,40 @@ class _BatchRenorm(NormBase):
 
     @staticmethod
     def paper_schedule() -> tuple[Ramp, Ramp]:
-        """Ioffe 2017's schedule as ``(r_max, d_max)`` of ``num_batches_tracked``: plain BN
-        (1, 0) for the first 5k steps, then linear to ``r_max = 3`` at 40k and ``d_max = 5`` at
-        25k steps. :class:`~normlab.functional.Ramp` values: they pickle and trace."""
+        """Ioffe 2017's schedule as ``(r_max, d_max)`` of ``num_batches_tracked``.
+
+        Plain BN (1, 0) for the first 5k steps, then linear to ``r_max = 3`` at 40k and
+        ``d_max = 5`` at 25k steps. :class:`~normlab.functional.Ramp` values: they pickle and
+        trace.
+
+        Returns
+        -------
+        (Ramp, Ramp)
+            ``r_max`` and ``d_max`` schedules, to pass to the constructor.
+
+        Examples
+        --------
+        >>> import normlab
+        >>> r_max, d_max = normlab.nn.BatchRenorm2d.paper_schedule()
+        >>> r_max(0), r_max(22_500), d_max(25_000)
+        (1.0, 2.0, 5.0)
+        """
         return Ramp(1.0, 3.0, 5000, 40_000), Ramp(0.0, 5.0, 5000, 25_000)
 
     def limits(self) -> tuple[float, float]:
-        """The current ``(r_max, d_max)`` (schedules evaluated at ``num_batches_tracked``)."""
+        """The current clipping limits.
+
+        Returns
+        -------
+        (float, float)
+            ``(r_max, d_max)``, schedules evaluated at ``num_batches_tracked``.
+
+        Examples
+        --------
+        >>> import normlab
+        >>> normlab.nn.BatchRenorm1d(4, r_max=2.0, d_max=1.0).limits()
+        (2.0, 1.0)
+        """
         step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
         r_max = float(self.r_max(step)) if callable(self.r_max) else float(self.r_max)
         d_max = float(self.d_max(step)) if callable(self.d_max) else float(self.d_max)
@@ -97,7 +125,32 @@ class BatchRenorm1d(_BatchRenorm):
 
     ``r_max``/``d_max``: numbers, :class:`~normlab.functional.Ramp` schedules of
     ``num_batches_tracked`` (:meth:`paper_schedule`) or callables of it. Other arguments as
-    :class:`normlab.nn.BatchNorm1d`.
+    :class:`normlab.nn.BatchNorm1d`. The output has the input's shape.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Must be True: Renorm corrects toward the running statistics.
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    r_max : float, Ramp or callable
+        Clip for ``r = σ_B/σ`` to ``[1/r_max, r_max]``, ``>= 1`` (default 3); a
+        :class:`~normlab.functional.Ramp` or a callable of ``num_batches_tracked`` schedules it.
+    d_max : float, Ramp or callable
+        Clip for ``d = (μ_B − μ)/σ`` to ``[−d_max, d_max]``, ``>= 0`` (default 5).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``
+        (``-1``: ``(N, L, C)`` input), as :class:`NormBase`.
 
     Examples
     --------
@@ -113,14 +166,78 @@ class BatchRenorm1d(_BatchRenorm):
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renormalization over ``(N, C, H, W)``; see :class:`BatchRenorm1d`."""
+    """Batch Renormalization over ``(N, C, H, W)``; see :class:`BatchRenorm1d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Must be True: Renorm corrects toward the running statistics.
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    r_max : float, Ramp or callable
+        Clip for ``r = σ_B/σ`` to ``[1/r_max, r_max]``, ``>= 1`` (default 3); a
+        :class:`~normlab.functional.Ramp` or a callable of ``num_batches_tracked`` schedules it.
+    d_max : float, Ramp or callable
+        Clip for ``d = (μ_B − μ)/σ`` to ``[−d_max, d_max]``, ``>= 0`` (default 5).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> layer = normlab.nn.BatchRenorm2d(3, r_max=1.0, d_max=0.0)   # plain BN
+    >>> x = torch.randn(4, 3, 5, 5)
+    >>> torch.allclose(layer(x), torch.nn.BatchNorm2d(3)(x), atol=1e-5)
+    True
+    """
 
     _NDIM = (4,)
     spatial = 2
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renormalization over ``(N, C, D, H, W)``; see :class:`BatchRenorm1d`."""
+    """Batch Renormalization over ``(N, C, D, H, W)``; see :class:`BatchRenorm1d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Must be True: Renorm corrects toward the running statistics.
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    r_max : float, Ramp or callable
+        Clip for ``r = σ_B/σ`` to ``[1/r_max, r_max]``, ``>= 1`` (default 3); a
+        :class:`~normlab.functional.Ramp` or a callable of ``num_batches_tracked`` schedules it.
+    d_max : float, Ramp or callable
+        Clip for ``d = (μ_B − μ)/σ`` to ``[−d_max, d_max]``, ``>= 0`` (default 5).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.BatchRenorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+    torch.Size([2, 2, 3, 3, 3])
+    """
 
     _NDIM = (5,)
     spatial = 3

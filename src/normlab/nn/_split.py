@@ -124,7 +124,36 @@ class _SplitBatchNorm(NormBase):
 
 
 class SplitBatchNorm1d(_SplitBatchNorm):
-    """Split batch norm over ``(N, C)`` or ``(N, C, L)``; see :class:`SplitBatchNorm2d`."""
+    """Split batch norm over ``(N, C)`` or ``(N, C, L)``; see :class:`SplitBatchNorm2d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), per split, default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    num_splits : int
+        Parts of a training batch, each with its own statistics, ``>= 2`` (default 2).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``, as
+        :class:`NormBase`; every split gets them.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.SplitBatchNorm1d(3, num_splits=2)(torch.randn(8, 3)).shape
+    torch.Size([8, 3])
+    """
 
     _NDIM = (2, 3)
     spatial = 1
@@ -135,6 +164,28 @@ class SplitBatchNorm2d(_SplitBatchNorm):
     AdvProp/AugMix): in training the batch is ``num_splits`` equal parts, part ``i``
     normalized by split ``i``; eval uses the first split. Other arguments as
     :class:`normlab.nn.BatchNorm2d` (every split gets them).
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), per split, default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    num_splits : int
+        Parts of a training batch, each with its own statistics, ``>= 2`` (default 2).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``, as
+        :class:`NormBase`; every split gets them.
 
     Examples
     --------
@@ -151,7 +202,36 @@ class SplitBatchNorm2d(_SplitBatchNorm):
 
 
 class SplitBatchNorm3d(_SplitBatchNorm):
-    """Split batch norm over ``(N, C, D, H, W)``; see :class:`SplitBatchNorm2d`."""
+    """Split batch norm over ``(N, C, D, H, W)``; see :class:`SplitBatchNorm2d`.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), per split, default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    num_splits : int
+        Parts of a training batch, each with its own statistics, ``>= 2`` (default 2).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample``, ``backend`` and ``channel_axis``, as
+        :class:`NormBase`; every split gets them.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> normlab.nn.SplitBatchNorm3d(2)(torch.randn(4, 2, 2, 2, 2)).shape
+    torch.Size([4, 2, 2, 2, 2])
+    """
 
     _NDIM = (5,)
     spatial = 3

@@ -73,7 +73,36 @@ class SyncBatchNorm(ActivationOptions, NormBase):
 
     Same constructor as :class:`torch.nn.SyncBatchNorm` plus normlab's options and an optional
     ``activation`` (what ``convert_sync_batchnorm`` gives a ``BatchNormAct``); takes
-    ``(N, C, *)`` input of any rank ≥ 2. Eval mode and single-process use are plain BatchNorm.
+    ``(N, C, *)`` input of any rank ≥ 2 and returns the same shape. Eval mode and
+    single-process use are plain BatchNorm.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels.
+    eps : float
+        Added to the variance for stability (default 1e-5).
+    momentum : float or None
+        Running-statistics factor in ``[0, 1]`` (default 0.1); ``None``: cumulative average.
+    affine : bool
+        Learnable per-channel γ (``weight``) and β (``bias``), default True.
+    track_running_stats : bool
+        Keep running mean and variance for eval (default True).
+    process_group : ProcessGroup, optional
+        The processes whose batches are pooled (default: the world).
+    device : torch.device or str, optional
+        Where parameters and buffers are created.
+    dtype : torch.dtype, optional
+        Their dtype.
+    activation : str
+        ``None`` (default): no activation;
+        one of ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"``.
+    negative_slope : float
+        ``leaky_relu``'s slope for negative inputs (default 0.01).
+    alpha : float
+        ``elu``'s scale for negative inputs (default 1.0).
+    **options
+        ``bias``, ``nonfinite``, ``single_sample`` and ``backend``, as :class:`NormBase`.
 
     Examples
     --------
@@ -107,6 +136,7 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         alpha: float = 1.0,
         **options: Any,
     ) -> None:
+        """Create the layer (the arguments are described in the class docstring)."""
         self._set_activation(activation, negative_slope, alpha)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
@@ -116,6 +146,18 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         self._source_spatial: int | None = None  # the rank of the layer it replaced, if any
 
     def config(self) -> dict[str, Any]:
+        """Every constructor argument that rebuilds this layer, ``process_group`` included.
+
+        Returns
+        -------
+        dict
+
+        Examples
+        --------
+        >>> import normlab
+        >>> normlab.nn.SyncBatchNorm(4).config()["process_group"] is None
+        True
+        """
         return {**super().config(), "process_group": self.process_group}
 
     def _distributed(self) -> bool:
@@ -140,6 +182,26 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         return spec
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input`` with statistics over every process (see :meth:`NormBase.forward`).
+
+        Parameters
+        ----------
+        input : Tensor, shape (N, C, *)
+            Every process must feed the same number of channels and the same dtype.
+        mask : Tensor of bool, optional
+            Valid positions, the input's shape without the channel axis.
+
+        Returns
+        -------
+        Tensor
+            The input's shape.
+
+        Examples
+        --------
+        >>> import torch, normlab
+        >>> normlab.nn.SyncBatchNorm(3)(torch.randn(4, 3, 2)).shape    # one process: plain BN
+        torch.Size([4, 3, 2])
+        """
         if self.training and not self._layout_checked and self._distributed():
             self._check_layout(input)
         return super().forward(input, mask)
@@ -181,8 +243,35 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         ``BatchNormAct*``, ``torch.nn.SyncBatchNorm``) by a ``normlab.nn.SyncBatchNorm`` that
         keeps its settings, its activation and the *same* parameters and buffers (an optimizer
         built before keeps working). Batch Renorm, Ghost BN and Split BN have no synchronized
-        form and raise; frozen layers are left alone. Returns ``module`` (a new layer when ``module``
-        itself is a batch norm)."""
+        form and raise; frozen layers are left alone.
+
+        Parameters
+        ----------
+        module : nn.Module
+            A model, or a single batch-norm layer.
+        process_group : ProcessGroup, optional
+            The group the new layers synchronize over (default: the world).
+
+        Returns
+        -------
+        nn.Module
+            ``module`` with its layers replaced in place, or a new layer when ``module`` itself
+            is a batch norm.
+
+        Raises
+        ------
+        ValueError
+            ``module`` holds a Batch Renorm, Ghost BN or Split BN layer.
+
+        Examples
+        --------
+        >>> import torch, normlab
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        >>> weight = model[1].weight
+        >>> model = normlab.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        >>> type(model[1]).__name__, model[1].weight is weight
+        ('SyncBatchNorm', True)
+        """
 
         def convert(bn: nn.Module, path: str) -> nn.Module | None:
             if isinstance(bn, cls):
@@ -211,7 +300,32 @@ class SyncBatchNorm(ActivationOptions, NormBase):
         single-process layer of its kind — ``BatchNorm1d/2d/3d``, or ``BatchNormAct*`` when it
         has an activation — keeping every option and the same parameters and buffers (for
         inference and export). The rank comes from the layer it once replaced, else from
-        ``spatial`` (1, 2 or 3); without either it raises."""
+        ``spatial``.
+
+        Parameters
+        ----------
+        module : nn.Module
+            A model, or a single ``SyncBatchNorm``.
+        spatial : {1, 2, 3}, optional
+            The input rank of layers that were not made by :meth:`convert_sync_batchnorm`.
+
+        Returns
+        -------
+        nn.Module
+            ``module`` with its layers replaced in place, or a new layer.
+
+        Raises
+        ------
+        ValueError
+            A layer's rank is unknown and ``spatial`` is not given.
+
+        Examples
+        --------
+        >>> import normlab
+        >>> layer = normlab.nn.SyncBatchNorm.revert_sync_batchnorm(normlab.nn.SyncBatchNorm(4), spatial=2)
+        >>> type(layer).__name__
+        'BatchNorm2d'
+        """
 
         def revert(bn: nn.Module, path: str) -> nn.Module | None:
             if not isinstance(bn, cls):

@@ -23,11 +23,30 @@ Severity = Literal["error", "warning"]
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: where (``module`` path), what (``problem``), what to do (``fix``).
+    """One problem :func:`audit_batchnorm` found.
 
-    ``code`` is a stable identifier: ``bias-before-bn``, ``untracked``,
-    ``nonfinite-stats``, ``near-zero-var``, ``momentum``, ``train-mode-inference``,
-    ``single-value``, ``example-failed``.
+    Parameters
+    ----------
+    module : str
+        The layer's path in the model (``"features.3"``).
+    code : str
+        A stable identifier: ``bias-before-bn``, ``untracked``, ``nonfinite-stats``,
+        ``near-zero-var``, ``momentum``, ``train-mode-inference``, ``single-value``,
+        ``example-failed``.
+    severity : {"error", "warning"}
+        How bad it is.
+    problem : str
+        What is wrong.
+    fix : str
+        What to do about it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import audit_batchnorm
+    >>> finding = audit_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3)))[0]
+    >>> finding.module, finding.code, finding.severity
+    ('0', 'untracked', 'warning')
     """
 
     module: str
@@ -39,7 +58,24 @@ class Finding:
 
 @dataclass
 class AuditReport(Sequence[Finding]):
-    """The findings of :func:`audit_batchnorm`; a sequence that prints as a table."""
+    """The findings of :func:`audit_batchnorm`: a sequence of :class:`Finding` that prints as a table.
+
+    Parameters
+    ----------
+    findings : list of Finding
+        In model order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import audit_batchnorm
+    >>> report = audit_batchnorm(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)))
+    >>> sorted(report.codes()), len(report)
+    (['bias-before-bn', 'untracked'], 2)
+    >>> print(report)  # doctest: +ELLIPSIS
+    audit_batchnorm: 2 finding(s)
+    severity  module  problem ...
+    """
 
     findings: list[Finding] = field(default_factory=list)
 
@@ -57,7 +93,18 @@ class AuditReport(Sequence[Finding]):
         return iter(self.findings)
 
     def codes(self) -> set[str]:
-        """The set of finding codes (handy in tests and CI checks)."""
+        """The set of finding codes (handy in tests and CI checks).
+
+        Returns
+        -------
+        set of str
+
+        Examples
+        --------
+        >>> from normlab.nn.utils import AuditReport
+        >>> AuditReport().codes()
+        set()
+        """
         return {f.code for f in self.findings}
 
     def __str__(self) -> str:
@@ -219,6 +266,27 @@ def audit_batchnorm(model: nn.Module, example_input: Any = None) -> AuditReport:
     * ``single-value``: at this input size a channel sees one value per batch,
       which training rejects;
     * ``example-failed``: the example forward raised.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; it is not modified.
+    example_input : Tensor or tuple, optional
+        An input batch (e.g. ``(N, C, H, W)``), or a tuple of ``forward``'s positional
+        arguments, for the checks that need a forward pass.
+
+    Returns
+    -------
+    AuditReport
+        The findings; ``print(report)`` shows a table, ``report.codes()`` the codes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import audit_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.99))
+    >>> sorted(audit_batchnorm(model, torch.randn(2, 3, 8, 8)).codes())
+    ['bias-before-bn', 'momentum', 'untracked']
     """
     bns = {name: m for name, m in model.named_modules() if is_batchnorm(m)}
     report = AuditReport()

@@ -82,8 +82,51 @@ def fold_conv_bn_weights(
     :func:`torch.nn.utils.fusion.fuse_conv_bn_weights` where that applies (it
     supports ``groups=1`` only for transposed convolutions).
 
-    Returns:
-        ``(w', b')`` — new tensors; the inputs are not modified.
+    Parameters
+    ----------
+    w : Tensor
+        The layer's weight: ``(C_out, C_in/groups, *k)`` for ``Conv*``, ``(C_out, C_in)`` for
+        ``Linear``, ``(C_in, C_out/groups, *k)`` for ``ConvTranspose*``.
+    b : Tensor of shape (C_out,) or None
+        The layer's bias.
+    running_mean : Tensor of shape (C_out,)
+        The BatchNorm's running mean μ.
+    running_var : Tensor of shape (C_out,)
+        Its running variance σ².
+    eps : float
+        Its ``eps``.
+    gamma : Tensor of shape (C_out,), optional
+        Its weight γ (``None``: 1).
+    beta : Tensor of shape (C_out,), optional
+        Its bias β (``None``: 0).
+    transpose : bool
+        ``w`` is a ``ConvTranspose*`` weight.
+    groups : int
+        The convolution's ``groups``.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        ``(w', b')``: ``w``'s shape and ``(C_out,)`` — new tensors; the inputs are not modified.
+
+    Raises
+    ------
+    ValueError
+        The statistics are not 1-D of the same length, or do not match ``w``'s channels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import fold_conv_bn_weights
+    >>> conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).eval()
+    >>> bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.5, 2)  # doctest: +ELLIPSIS
+    tensor(...)
+    tensor(...)
+    >>> w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+    ...                             bn.eps, bn.weight, bn.bias)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> torch.allclose(torch.nn.functional.conv2d(x, w, b), bn(conv(x)), atol=1e-5)
+    True
     """
     if running_mean.dim() != 1 or running_var.shape != running_mean.shape:
         raise ValueError(
@@ -150,6 +193,21 @@ def fold_bn_conv_weights(
     ``None`` mean a non-affine BatchNorm, ``b`` ``None`` a layer without bias. Computed in at
     least float32, returned in ``w``'s dtype (bias: ``b``'s, or ``w``'s when ``b`` is ``None``).
 
+    Parameters
+    ----------
+    w : Tensor
+        The following layer's weight, ``(C_out, C_in/groups, *kernel)`` or ``(C_out, C_in)``.
+    b : Tensor or None
+        Its bias ``(C_out,)``.
+    running_mean, running_var : Tensor
+        The BatchNorm's ``(C_in,)`` running statistics.
+    eps : float
+        The BatchNorm's eps.
+    gamma, beta : Tensor or None
+        Its affine parameters ``(C_in,)``.
+    groups : int
+        The convolution's groups (1 for a Linear).
+
     Returns
     -------
     tuple of Tensor
@@ -211,16 +269,31 @@ def fold_bn_conv_weights(
 
 @dataclass
 class FoldReport:
-    """What :func:`fold_batchnorm` did.
+    """What :func:`fold_batchnorm` did; prints as a table.
 
-    Attributes:
-        method: ``"fx"`` (the model traced) or ``"sequential"`` (module-order
-            matching inside ``nn.Sequential`` containers, after tracing failed).
-        folded: ``(layer path, batchnorm path)`` for every folded pair.
-        direction: ``{batchnorm path: "previous" | "next"}`` — folded into the layer that
-            feeds it, or into the layer it feeds.
-        skipped: ``(batchnorm path, reason)`` for every BatchNorm left in place.
-        trace_error: why ``torch.fx`` could not trace the model (``"sequential"`` only).
+    Parameters
+    ----------
+    method : {"fx", "sequential"}
+        ``"fx"`` (the model traced) or ``"sequential"`` (module-order matching inside
+        ``nn.Sequential`` containers, after tracing failed).
+    folded : list of (str, str)
+        ``(layer path, batchnorm path)`` for every folded pair.
+    direction : dict of str to str
+        ``{batchnorm path: "previous" | "next"}`` — folded into the layer that feeds it, or
+        into the layer it feeds.
+    skipped : list of (str, str)
+        ``(batchnorm path, reason)`` for every BatchNorm left in place.
+    trace_error : str or None
+        Why ``torch.fx`` could not trace the model (``"sequential"`` only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import fold_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> _, report = fold_batchnorm(model)
+    >>> report.method, report.folded, report.skipped
+    ('fx', [('0', '1')], [])
     """
 
     method: Literal["fx", "sequential"]
@@ -230,6 +303,7 @@ class FoldReport:
     direction: dict[str, Direction] = field(default_factory=dict)
 
     def add(self, layer: str, bn: str, direction: Direction) -> None:
+        """Record that ``bn`` was folded into ``layer`` (``"previous"`` or ``"next"``)."""
         self.folded.append((layer, bn))
         self.direction[bn] = direction
 
@@ -603,15 +677,37 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
     activation is assumed to be ``(N, features)`` — the only layout in which axis 1 is the
     Linear's output (input).
 
-    Args:
-        model: any ``nn.Module``; its training flag is ignored (the result is in eval mode).
-        inplace: ``False`` (default) works on a deep copy, so the result shares
-            nothing with ``model``. ``True`` skips the copy: the Sequential
-            fallback modifies ``model`` itself; an fx result shares the untouched
-            layers' tensors with ``model`` (which is set to eval mode but keeps working).
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; its training flag is ignored (the result is in eval mode).
+    inplace : bool
+        ``False`` (default) works on a deep copy, so the result shares nothing with
+        ``model``. ``True`` skips the copy: the Sequential fallback modifies ``model`` itself;
+        an fx result shares the untouched layers' tensors with ``model`` (which is set to
+        eval mode but keeps working).
 
-    Returns:
-        ``(folded_model, FoldReport)``.
+    Returns
+    -------
+    (nn.Module, FoldReport)
+        The folded eval-mode model (same inputs and output shapes as ``model``) and what
+        was folded or kept, and why.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``, or cannot be deep-copied (pass ``inplace=True``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import fold_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    >>> _ = model(torch.randn(4, 3, 8, 8))                # some running statistics
+    >>> folded, report = fold_batchnorm(model)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> torch.allclose(folded(x), model.eval()(x), atol=1e-5), len(report.folded)
+    (True, 1)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")

@@ -50,7 +50,25 @@ class _FrozenTrain:
 
 
 def is_frozen(module: nn.Module) -> bool:
-    """Whether ``module`` was frozen by :func:`freeze_batchnorm`."""
+    """Whether ``module`` was frozen by :func:`freeze_batchnorm`.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any module (a layer, not a model: freezing marks each BatchNorm).
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import freeze_batchnorm, is_frozen
+    >>> model = freeze_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3)))
+    >>> is_frozen(model[0]), is_frozen(model)
+    (True, False)
+    """
     return isinstance(getattr(module, _STATE, None), _FreezeState)
 
 
@@ -65,7 +83,36 @@ def freeze_batchnorm(model: nn.Module, mode: FreezeMode = "stats") -> nn.Module:
         ``"all"``: both.
 
     Freezing an already frozen layer replaces its mode. ``FrozenBatchNorm*``
-    layers are already frozen and are left alone. Returns ``model``.
+    layers are already frozen and are left alone.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Frozen in place.
+    mode : {"stats", "affine", "all"}
+        What to freeze (see above); default ``"stats"``.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``mode``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import freeze_batchnorm, unfreeze_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> freeze_batchnorm(model, "all").train()[1].training     # stays in eval mode
+    False
+    >>> model[1].weight.requires_grad
+    False
+    >>> unfreeze_batchnorm(model)[1].training, model[1].weight.requires_grad
+    (True, True)
     """
     if mode not in _MODES:
         raise ValueError(f"freeze_batchnorm mode must be one of {_MODES}, got {mode!r}")
@@ -108,7 +155,25 @@ def _unfreeze(m: nn.Module) -> None:
 def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze_batchnorm` in place: original ``requires_grad`` flags, and each layer's
     training flag as last requested (by ``model.train()``/``eval()`` while frozen, or as it
-    was when frozen). Layers that were not frozen are untouched. Returns ``model``.
+    was when frozen). Layers that were not frozen are untouched.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Unfrozen in place.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import freeze_batchnorm, is_frozen, unfreeze_batchnorm
+    >>> model = freeze_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    >>> is_frozen(unfreeze_batchnorm(model)[0])
+    False
     """
     for m in model.modules():
         if is_frozen(m):

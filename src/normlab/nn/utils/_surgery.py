@@ -83,16 +83,35 @@ def add_batchnorm(
     ``nn.Sequential`` containers are handled at any depth; layers already followed
     by a BatchNorm are left as they are.
 
-    Args:
-        model: an ``nn.Sequential``.
-        position: where the BN goes relative to the activation.
-        bn_classes: BatchNorm class per output spatial rank (``0`` for Linear),
-            default normlab's ``BatchNorm1d/1d/2d/3d``.
-        **bn_kwargs: passed to every BN constructor (``eps``, ``momentum``, …).
+    Parameters
+    ----------
+    model : nn.Sequential
+        Changed in place.
+    position : {"before_activation", "after_activation"}
+        Where the BN goes relative to the activation.
+    bn_classes : mapping of int to class, optional
+        BatchNorm class per output spatial rank (``0`` for Linear), default normlab's
+        ``BatchNorm1d/1d/2d/3d``.
+    **bn_kwargs
+        Passed to every BN constructor (``eps``, ``momentum``, …).
 
-    Returns:
-        ``model``. Children with digit names are renumbered, so parameter names
-        after the first insertion change.
+    Returns
+    -------
+    nn.Sequential
+        ``model``. Children with digit names are renumbered, so parameter names after the
+        first insertion change.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import add_batchnorm, remove_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> [type(m).__name__ for m in add_batchnorm(model)]
+    ['Linear', 'BatchNorm1d', 'ReLU', 'Linear', 'BatchNorm1d']
+    >>> model[0].bias is None                       # BN after it: the bias was redundant
+    True
+    >>> [type(m).__name__ for m in remove_batchnorm(model)], model[0].bias is None
+    (['Linear', 'ReLU', 'Linear'], False)
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"add_batchnorm expects an nn.Sequential model, got {type(model).__name__}")
@@ -138,8 +157,28 @@ def remove_batchnorm(model: nn.Module) -> nn.Module:
     dropped, and a Conv*/Linear directly before one that has no bias gets a
     trainable zero bias back; a BatchNorm anywhere else becomes ``nn.Identity``.
     A batch norm with a fused activation (``BatchNormAct*``, or a Sync/Frozen layer with
-    ``activation``) leaves its activation module in its place. Returns ``model`` (or what
-    replaces ``model`` if it is itself a BatchNorm).
+    ``activation``) leaves its activation module in its place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, or what replaces ``model`` if it is itself a BatchNorm (``nn.Identity()``,
+        or its activation module).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.nn.utils import remove_batchnorm
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
+    >>> remove_batchnorm(model)
+    Sequential(
+      (0): Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1))
+    )
     """
     if is_batchnorm(model):
         return _leftover(model) or nn.Identity()
