@@ -8,7 +8,8 @@ What is fused (see the .cpp header for the math):
   ``dx = k1 * g + k2 * (x - mean) + k3`` with ``g = dy * f'(z)`` recomputed from ``x``;
 * eval forward: one pass; the inverse of BN + leaky ReLU (InPlace-ABN's backward): one pass;
 * batch ``chunks`` (Ghost BN's virtual batches) run on views of ``x`` in one C++ call;
-* ``f`` is the identity, ReLU or leaky ReLU (``negative_slope``), applied in the same pass.
+* ``f`` is the identity, ReLU, leaky ReLU (``negative_slope``) or SiLU, applied in the same
+  pass (the backward recomputes its derivative from ``x``).
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ def fused_available() -> bool:
     return load_fused() is not None
 
 
-def _slope(act: Any) -> float | None:
-    """The C++ kernels' activation argument: ``None`` (none), 0 (ReLU) or the leaky slope."""
+_NONE, _LEAKY, _SILU = 0, 1, 2  # the C++ activation codes
+
+
+def _act(act: Any) -> tuple[int, float]:
+    """The C++ kernels' ``(act, slope)`` arguments (ReLU is leaky ReLU with slope 0)."""
     if act is None or act.name == "identity":
-        return None
+        return _NONE, 0.0
     if act.name == "relu":
-        return 0.0
+        return _LEAKY, 0.0
+    if act.name == "silu":
+        return _SILU, 0.0
     assert act.name == "leaky_relu", f"the fused kernels do not fuse {act.name}"
-    return float(act.param)
+    return _LEAKY, float(act.param)
 
 
 class FusedKernel:
@@ -73,7 +79,7 @@ class FusedKernel:
     """
 
     name = "fused"
-    activations = frozenset({"identity", "relu", "leaky_relu"})
+    activations = frozenset({"identity", "relu", "leaky_relu", "silu"})
     chunked = True
     differentiable = False
 
@@ -117,7 +123,7 @@ class FusedKernel:
         """``(y, mean, var_biased, invstd)``; with ``chunks`` the statistics are ``(G·C,)``."""
         assert mask is None, "the fused kernels take no mask"
         y, mean, var, invstd = require_fused().forward_train(
-            x, weight, bias, eps, _slope(act), chunks
+            x, weight, bias, eps, *_act(act), chunks
         )
         return y, mean, var, invstd
 
@@ -138,7 +144,7 @@ class FusedKernel:
         assert mask is None, "the fused kernels take no mask"
         want_w = needs[1] and weight is not None
         dx, dw, db = require_fused().backward_train(
-            dy, x, weight, bias, mean, invstd, _slope(act), [needs[0], want_w, needs[2]], chunks
+            dy, x, weight, bias, mean, invstd, *_act(act), [needs[0], want_w, needs[2]], chunks
         )
         if weight is not None:  # grads in the parameters' dtype (fp32 stats for bf16 input)
             dw = dw.to(weight.dtype) if want_w else None
@@ -156,7 +162,7 @@ class FusedKernel:
         act: Any = None,
     ) -> Tensor:
         """``f((x - mean) * weight / sqrt(var + eps) + bias)`` in one pass (not differentiable)."""
-        out: Tensor = require_fused().forward_eval(x, mean, var, weight, bias, eps, _slope(act))
+        out: Tensor = require_fused().forward_eval(x, mean, var, weight, bias, eps, *_act(act))
         return out
 
     @staticmethod

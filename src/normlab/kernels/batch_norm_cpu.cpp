@@ -21,8 +21,9 @@
 //   dbeta  = sum(dy),  dgamma = invstd * sum(dy * xc)
 //   dx     = k1 * dy + k2 * xc + k3,  k1 = gamma*invstd,
 //            k2 = -gamma*invstd^2*sum(dy*xc)/n,  k3 = -k1*sum(dy)/n
-// With a leaky-ReLU slope the activation is applied to y in the forward pass and
-// its derivative is recomputed from x in the backward (dy <- dy * (pre > 0 ? 1 : slope)).
+// An activation (leaky ReLU with `slope`, ReLU as slope 0, or SiLU) is applied to y in the
+// same pass; the backward recomputes z = (x - mean) * scale + beta from x and uses
+// dy * f'(z) (the streaming AVX-512 paths fuse leaky ReLU only; SiLU takes the plain loops).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -71,6 +72,56 @@ inline c10::BFloat16 store<c10::BFloat16>(float v) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// ---------- the activation fused after the affine map ----------
+// ACT: kNone, kLeaky (leaky ReLU with `slope`; slope 0 is ReLU) or kSilu (z * sigmoid(z)).
+// The backward recomputes z = xc * scale + beta from x and multiplies dy by f'(z).
+constexpr int kNone = 0, kLeaky = 1, kSilu = 2;
+
+// exp for float in a form the compiler vectorizes (no libm call in the loop): Cephes' expf,
+// 2^n * p(r) with r = x - n*ln2 in [-ln2/2, ln2/2]; about 1 ulp.
+inline float vexp(float x) {
+  x = x < -87.33654f ? -87.33654f : (x > 88.37626f ? 88.37626f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+inline double vexp(double x) { return std::exp(x); }
+
+template <int ACT, typename A>
+inline A act_fwd(A v, A slope) {
+  if constexpr (ACT == kLeaky) return v > 0 ? v : v * slope;
+  if constexpr (ACT == kSilu) return v / (A(1) + vexp(-v));
+  return v;
+}
+
+// g * f'(z)
+template <int ACT, typename A>
+inline A act_grad(A g, A z, A slope) {
+  if constexpr (ACT == kLeaky) return z > 0 ? g : g * slope;
+  if constexpr (ACT == kSilu) {
+    const A sig = A(1) / (A(1) + vexp(-z));
+    return g * sig * (A(1) + z * (A(1) - sig));
+  }
+  return g;
+}
+
+// Calls f(std::integral_constant<int, ACT>) for the activation code passed from Python.
+template <typename F>
+void with_act(int64_t act, F&& f) {
+  TORCH_CHECK(act == kNone || act == kLeaky || act == kSilu, "normlab fused: unknown activation code ", act);
+  if (act == kLeaky) return f(std::integral_constant<int, kLeaky>{});
+  if (act == kSilu) return f(std::integral_constant<int, kSilu>{});
+  f(std::integral_constant<int, kNone>{});
 }
 
 enum class Layout { NCS, ROWS };
@@ -155,8 +206,8 @@ inline void shifted_sums(const T* p, int64_t len, acc_t<T> shift, double& s, dou
   }
 }
 
-// a += sum(g), b += sum(g * (x - mean)) with g = dy (or the leaky-ReLU-masked dy)
-template <typename T, bool ACT>
+// a += sum(g), b += sum(g * (x - mean)) with g = dy * f'(z)
+template <typename T, int ACT>
 inline void grad_sums(const T* dy, const T* x, int64_t len, acc_t<T> mean, acc_t<T> scale, acc_t<T> beta,
                       acc_t<T> slope, double& a, double& b) {
   using A = acc_t<T>;
@@ -166,8 +217,7 @@ inline void grad_sums(const T* dy, const T* x, int64_t len, acc_t<T> mean, acc_t
 #pragma omp simd reduction(+ : ca, cb)
     for (int64_t i = i0; i < i1; ++i) {
       const A xc = load(x[i]) - mean;
-      A g = load(dy[i]);
-      if constexpr (ACT) g = (xc * scale + beta) > 0 ? g : g * slope;
+      const A g = act_grad<ACT>(load(dy[i]), xc * scale + beta, slope);
       ca += g;
       cb += g * xc;
     }
@@ -177,19 +227,19 @@ inline void grad_sums(const T* dy, const T* x, int64_t len, acc_t<T> mean, acc_t
 }
 
 // y = act(((x - shift) - dm) * scale + beta); mean = shift + dm, split so that x - shift is exact
-template <typename T, bool ACT>
+template <typename T, int ACT>
 inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T> dm, acc_t<T> scale,
                           acc_t<T> beta, acc_t<T> slope) {
   using A = acc_t<T>;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {  // short runs (7x7 planes): a masked tail, not a scalar loop
+  if constexpr (std::is_same_v<T, float> && ACT != kSilu) {  // short runs (7x7 planes): a masked tail
     const __m512 sh = _mm512_set1_ps(shift), d = _mm512_set1_ps(dm), sc = _mm512_set1_ps(scale);
     const __m512 b = _mm512_set1_ps(beta), sl = _mm512_set1_ps(slope);
     for (int64_t i = 0; i < len; i += 16) {
       const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
       const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh), d);
       __m512 v = _mm512_fmadd_ps(xc, sc, b);
-      if constexpr (ACT) {
+      if constexpr (ACT == kLeaky) {
         const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
         v = _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, sl), v);
       }
@@ -200,22 +250,19 @@ inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    A v = ((load(x[i]) - shift) - dm) * scale + beta;
-    if constexpr (ACT) v = v > 0 ? v : v * slope;
-    y[i] = store<T>(v);
+    y[i] = store<T>(act_fwd<ACT>(((load(x[i]) - shift) - dm) * scale + beta, slope));
   }
 }
 
 // dx = k1 * g + k2 * (x - mean) + k3
-template <typename T, bool ACT>
+template <typename T, int ACT>
 inline void grad_input_run(const T* dy, const T* x, T* dx, int64_t len, acc_t<T> mean, acc_t<T> scale,
                            acc_t<T> beta, acc_t<T> slope, acc_t<T> k1, acc_t<T> k2, acc_t<T> k3) {
   using A = acc_t<T>;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const A xc = load(x[i]) - mean;
-    A g = load(dy[i]);
-    if constexpr (ACT) g = (xc * scale + beta) > 0 ? g : g * slope;
+    const A g = act_grad<ACT>(load(dy[i]), xc * scale + beta, slope);
     dx[i] = store<T>(k1 * g + k2 * xc + k3);
   }
 }
@@ -403,7 +450,7 @@ inline void rows_shifted_sums(const T* x, int64_t rows, int64_t C, const acc_t<T
   }
 }
 
-template <typename T, bool ACT>
+template <typename T, int ACT>
 inline void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, const acc_t<T>* mean,
                            const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope, double* a, double* b,
                            acc_t<T>* ca, acc_t<T>* cb) {
@@ -418,8 +465,7 @@ inline void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, con
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const A xc = load(px[c]) - mean[c];
-        A g = load(pg[c]);
-        if constexpr (ACT) g = (xc * scale[c] + beta[c]) > 0 ? g : g * slope;
+        const A g = act_grad<ACT>(load(pg[c]), xc * scale[c] + beta[c], slope);
         ca[c] += g;
         cb[c] += g * xc;
       }
@@ -431,7 +477,7 @@ inline void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, con
   }
 }
 
-template <typename T, bool ACT>
+template <typename T, int ACT>
 inline void rows_normalize(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const acc_t<T>* shift,
                            const acc_t<T>* dm, const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope) {
   using A = acc_t<T>;
@@ -440,14 +486,12 @@ inline void rows_normalize(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, 
     T* py = y + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      A v = ((load(px[c]) - shift[c]) - dm[c]) * scale[c] + beta[c];
-      if constexpr (ACT) v = v > 0 ? v : v * slope;
-      py[c] = store<T>(v);
+      py[c] = store<T>(act_fwd<ACT>(((load(px[c]) - shift[c]) - dm[c]) * scale[c] + beta[c], slope));
     }
   }
 }
 
-template <typename T, bool ACT>
+template <typename T, int ACT>
 inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t r1, int64_t C,
                             const acc_t<T>* mean, const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope,
                             const acc_t<T>* k1, const acc_t<T>* k2, const acc_t<T>* k3) {
@@ -459,8 +503,7 @@ inline void rows_grad_input(const T* dy, const T* x, T* dx, int64_t r0, int64_t 
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const A xc = load(px[c]) - mean[c];
-      A g = load(pg[c]);
-      if constexpr (ACT) g = (xc * scale[c] + beta[c]) > 0 ? g : g * slope;
+      const A g = act_grad<ACT>(load(pg[c]), xc * scale[c] + beta[c], slope);
       pd[c] = store<T>(k1[c] * g + k2[c] * xc + k3[c]);
     }
   }
@@ -542,7 +585,7 @@ std::vector<int64_t> chunk_sizes(const at::OptionalIntArrayRef& chunks, int64_t 
 }
 
 // ====================== train forward ======================
-template <typename T, bool ACT>
+template <typename T, int ACT>
 void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
                         const std::vector<double>& beta, double eps, double slope, Tensor& mean_t, Tensor& var_t,
                         Tensor& invstd_t) {
@@ -553,7 +596,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
   A* pv = var_t.data_ptr<A>();
   A* pi = invstd_t.data_ptr<A>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
-  const bool stream = use_stream<T>(y, sh);
+  const bool stream = ACT != kSilu && use_stream<T>(y, sh);  // the streaming paths fuse leaky ReLU only
   if (sh.layout == Layout::NCS) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -572,7 +615,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
           if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
             if (stream) {
               const float bb = static_cast<float>(beta[c]);
-              normalize_stream<T, ACT>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
+              normalize_stream<T, ACT == kLeaky>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
               continue;
             }
           }
@@ -604,7 +647,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
       if (stream) {
         for (int64_t r = r0; r < r1; ++r)
-          normalize_stream<T, ACT>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
+          normalize_stream<T, ACT == kLeaky>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
                                 float(slope));
         stream_fence();
         return;
@@ -618,7 +661,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, double eps,
-                                                         std::optional<double> slope,
+                                                         int64_t act, double slope,
                                                          at::OptionalIntArrayRef chunks) {
   check_input(input, "forward_train");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
@@ -644,10 +687,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
     Tensor mg = mean.narrow(0, g * sh.C, sh.C), vg = var.narrow(0, g * sh.C, sh.C);
     Tensor ig = invstd.narrow(0, g * sh.C, sh.C);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
-      if (slope)
-        forward_train_impl<scalar_t, true>(xg, part, yg, gamma, beta, eps, *slope, mg, vg, ig);
-      else
-        forward_train_impl<scalar_t, false>(xg, part, yg, gamma, beta, eps, 0.0, mg, vg, ig);
+      with_act(act, [&](auto code) {
+        forward_train_impl<scalar_t, decltype(code)::value>(xg, part, yg, gamma, beta, eps, slope, mg, vg, ig);
+      });
     });
     start += sizes[g];
   }
@@ -697,7 +739,7 @@ std::tuple<Tensor, Tensor> stats(const Tensor& input) {
 }
 
 // ====================== train backward ======================
-template <typename T, bool ACT>
+template <typename T, int ACT>
 void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& gamma,
                          const std::vector<double>& beta, const Tensor& mean_t, const Tensor& invstd_t, double slope,
                          Tensor* dx, std::vector<double>& sdy, std::vector<double>& sdyxc) {
@@ -712,7 +754,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const double n = static_cast<double>(N) * S;
   const A sl = static_cast<A>(slope);
-  const bool stream = dx && use_stream<T>(*dx, sh);
+  const bool stream = ACT != kSilu && dx && use_stream<T>(*dx, sh);
   sdy.assign(C, 0.0);
   sdyxc.assign(C, 0.0);
   if (sh.layout == Layout::NCS) {
@@ -737,7 +779,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<T, float>) {
             if (stream) {
-              grad_input_stream<ACT>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0, sl);
+              grad_input_stream<ACT == kLeaky>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0, sl);
               continue;
             }
           }
@@ -774,7 +816,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
     if constexpr (std::is_same_v<T, float>) {
       if (stream) {
         for (int64_t r = r0; r < r1; ++r)
-          grad_input_stream<ACT>(pg + r * C, px + r * C, pd + r * C, C, mean.data(), scale.data(), bet.data(),
+          grad_input_stream<ACT == kLeaky>(pg + r * C, px + r * C, pd + r * C, C, mean.data(), scale.data(), bet.data(),
                                  k1.data(), k2.data(), k3.data(), 1, sl);
         stream_fence();
         return;
@@ -789,7 +831,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
 std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const Tensor& input,
                                                   const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias, const Tensor& mean,
-                                                  const Tensor& invstd, std::optional<double> slope,
+                                                  const Tensor& invstd, int64_t act, double slope,
                                                   std::array<bool, 3> needs, at::OptionalIntArrayRef chunks) {
   check_input(input, "backward_train");
   TORCH_CHECK(input.numel() > 0, "normlab fused batch_norm: empty input");
@@ -820,10 +862,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
     Tensor mg = mean.narrow(0, g * sh.C, sh.C), ig = invstd.narrow(0, g * sh.C, sh.C);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
       Tensor* out = needs[0] ? &dxg : nullptr;
-      if (slope)
-        backward_train_impl<scalar_t, true>(dyg, xg, part, gamma, beta, mg, ig, *slope, out, sdy, sdyxc);
-      else
-        backward_train_impl<scalar_t, false>(dyg, xg, part, gamma, beta, mg, ig, 0.0, out, sdy, sdyxc);
+      with_act(act, [&](auto code) {
+        backward_train_impl<scalar_t, decltype(code)::value>(dyg, xg, part, gamma, beta, mg, ig, slope, out, sdy,
+                                                             sdyxc);
+      });
     });
     const double* pi = inv64.data_ptr<double>() + g * sh.C;
     for (int64_t c = 0; c < sh.C; ++c) {
@@ -845,7 +887,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
 }
 
 // ====================== eval forward ======================
-template <typename T, bool ACT>
+template <typename T, int ACT>
 void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& mean,
                        const std::vector<double>& scale, const std::vector<double>& beta, double slope) {
   using A = acc_t<T>;
@@ -853,7 +895,7 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   T* py = y.data_ptr<T>();
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const A sl = static_cast<A>(slope);
-  const bool stream = use_stream<T>(y, sh);
+  const bool stream = ACT != kSilu && use_stream<T>(y, sh);  // the streaming paths fuse leaky ReLU only
   std::vector<A> m(C), z(C, A(0)), s(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
     m[c] = static_cast<A>(mean[c]);
@@ -866,9 +908,9 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(len, 1));
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    if (ncs && !stream && S >= 16 && y.numel() * int64_t(sizeof(float)) > kStreamBytes) {
+    if (ACT != kSilu && ncs && !stream && S >= 16 && y.numel() * int64_t(sizeof(float)) > kStreamBytes) {
       at::parallel_for(0, items, grain, [&](int64_t j0, int64_t j1) {
-        eval_ncs_stream<ACT>(px, py, j0, j1, S, C, m.data(), s.data(), b.data(), float(slope));
+        eval_ncs_stream<ACT == kLeaky>(px, py, j0, j1, S, C, m.data(), s.data(), b.data(), float(slope));
       });
       return;
     }
@@ -880,7 +922,7 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
         if (stream) {
-          normalize_stream<T, ACT>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
+          normalize_stream<T, ACT == kLeaky>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
           continue;
         }
       }
@@ -967,7 +1009,7 @@ Tensor invert_act(const Tensor& output, const Tensor& mean, const Tensor& invstd
 
 Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
-                    std::optional<double> slope) {
+                    int64_t act, double slope) {
   check_input(input, "forward_eval");
   check_channels(running_mean, input.size(1), "running_mean");
   check_channels(running_var, input.size(1), "running_var");
@@ -988,10 +1030,9 @@ Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tenso
     scale[c] = gamma[c] / std::sqrt(rv.data_ptr<double>()[c] + eps);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_eval", [&] {
-    if (slope)
-      forward_eval_impl<scalar_t, true>(x, sh, y, mean, scale, beta, *slope);
-    else
-      forward_eval_impl<scalar_t, false>(x, sh, y, mean, scale, beta, 0.0);
+    with_act(act, [&](auto code) {
+      forward_eval_impl<scalar_t, decltype(code)::value>(x, sh, y, mean, scale, beta, slope);
+    });
   });
   return y;
 }
@@ -1079,15 +1120,15 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, cons
 
 TORCH_LIBRARY(normlab_fused, m) {
   m.def(
-      "forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float? slope, int[]? chunks=None) -> (Tensor, "
+      "forward_train(Tensor x, Tensor? weight, Tensor? bias, float eps, int act, float slope, int[]? chunks=None) -> (Tensor, "
       "Tensor, Tensor, Tensor)");
   m.def(
-      "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, float? slope, "
+      "backward_train(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, int act, float slope, "
       "bool[3] needs, int[]? chunks=None) -> (Tensor, Tensor, Tensor)");
   m.def("stats(Tensor x) -> (Tensor, Tensor)");
   m.def("invert_act(Tensor y, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float slope) -> Tensor");
   m.def("forward_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, "
-        "float? slope) -> Tensor");
+        "int act, float slope) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normlab_fused, CPU, m) {
