@@ -114,21 +114,21 @@ def test_cpp_kernels_check_their_arguments() -> None:
     ops = torch.ops.normlab_fused
     x = torch.randn(4, 64, 3)
     with pytest.raises(RuntimeError, match="weight should contain 64 elements not 3"):
-        ops.forward_train(x, torch.ones(3), None, 1e-5, None, None)
+        ops.forward_train(x, torch.ones(3), None, 1e-5, 0, 0.0, None)
     with pytest.raises(RuntimeError, match="running_var should contain 64 elements not 3"):
-        ops.forward_eval(x, torch.zeros(64), torch.ones(3), None, None, 1e-5, None)
+        ops.forward_eval(x, torch.zeros(64), torch.ones(3), None, None, 1e-5, 0, 0.0)
     with pytest.raises(RuntimeError, match="mean should contain 64 elements not 2"):
         ops.backward_train(
-            x, x, None, None, torch.zeros(2), torch.ones(64), None, [True, True, True], None
+            x, x, None, None, torch.zeros(2), torch.ones(64), 0, 0.0, [True, True, True], None
         )
     with pytest.raises(RuntimeError, match="the gradient has shape"):
         ops.backward_train(
-            x[:2], x, None, None, torch.zeros(64), torch.ones(64), None, [True, True, True], None
+            x[:2], x, None, None, torch.zeros(64), torch.ones(64), 0, 0.0, [True, True, True], None
         )
     with pytest.raises(TypeError, match="expected a floating-point input"):
         ops.stats(torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(RuntimeError, match="eps must be a non-negative finite number"):
-        ops.forward_train(x, None, None, -1.0, None, None)
+        ops.forward_train(x, None, None, -1.0, 0, 0.0, None)
     with pytest.raises(RuntimeError, match="invstd should contain 64 elements not 1"):
         ops.invert_act(x, torch.zeros(64), torch.ones(1), None, None, 1.0)
 

@@ -299,8 +299,6 @@ def register_kernel(name: str, kernel: BatchNormKernel) -> None:
 
 
 def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
-    if not variant and x.numel() < FUSED_MIN_NUMEL:  # the common small case, decided first
-        return False
     if not FusedKernel.serves_input(x):
         return False
     if variant:  # the layer pays for a Python autograd.Function either way
@@ -373,23 +371,25 @@ def resolve_kernel(
     >>> resolve_kernel("auto", x).name           # small plain input: ATen
     'native'
     """
-    kernel = _resolve(backend, x, mask, variant)
+    if backend == "auto" and mask is None:  # the common case first, in as few calls as it takes
+        if (
+            torch.compiler.is_compiling()
+        ):  # compiled graphs are not vmapped (dynamo cannot trace the check)
+            return _KERNELS["native"]
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad need pure ops
+            return _KERNELS["reference"]
+        if (variant or x.numel() >= FUSED_MIN_NUMEL) and _auto_prefers_fused(x, variant):
+            return _KERNELS["native"] if differentiable else _KERNELS["fused"]
+        return _KERNELS["native"]
+    kernel = _resolve(backend, x, mask)
     if differentiable and not kernel.differentiable and kernel.name != "reference":
         return _KERNELS["native"]
     return kernel
 
 
-def _resolve(backend: str, x: Tensor, mask: Tensor | None, variant: bool) -> BatchNormKernel:
-    if backend == "auto":
-        if mask is not None:
-            return _KERNELS["reference"]
-        if (
-            torch.compiler.is_compiling()
-        ):  # compiled graphs are not vmapped; dynamo cannot trace the check below
-            return _KERNELS["native"]
-        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad need pure ops
-            return _KERNELS["reference"]
-        return _KERNELS["fused" if _auto_prefers_fused(x, variant) else "native"]
+def _resolve(backend: str, x: Tensor, mask: Tensor | None) -> BatchNormKernel:
+    if backend == "auto":  # masked
+        return _KERNELS["reference"]
     check_choice(backend, "backend", ("auto", *_KERNELS))
     if backend == "reference":
         return _KERNELS["reference"]

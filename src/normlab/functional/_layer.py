@@ -208,10 +208,13 @@ def batch_norm_layer(
     (1, True)
     """
     check_input(input, what=spec.name, ndims=spec.ndims)
-    moved = spec.channel_axis != 1 and input.dim() > 2
-    x = input.movedim(spec.channel_axis, 1) if moved else input  # (N, C, *)
-    y = _forward(x, mask, running_mean, running_var, num_batches_tracked, weight, bias, spec)
-    return y.movedim(1, spec.channel_axis) if moved else y
+    if spec.channel_axis != 1 and input.dim() > 2:
+        x = input.movedim(spec.channel_axis, 1)  # (N, C, *)
+        y = _forward(x, mask, running_mean, running_var, num_batches_tracked, weight, bias, spec)
+        return y.movedim(1, spec.channel_axis)
+    if not spec.training and running_mean is not None and running_var is not None:
+        return _eval(input, mask, running_mean, running_var, weight, bias, spec)
+    return _forward(input, mask, running_mean, running_var, num_batches_tracked, weight, bias, spec)
 
 
 def _forward(

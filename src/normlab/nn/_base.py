@@ -300,17 +300,20 @@ class NormBase(_BatchNorm):
         if not self._buffers_checked and not _fx_tracing():  # once
             self._buffers_checked = True
             self._report_nonfinite_buffers("in use")
-        use_buffers = not self.training or self.track_running_stats
-        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        training = self.training
+        spec: LayerSpec | None = self.__dict__.get("_spec_cache")  # _spec(), inlined: hot
+        if spec is None or spec.training is not training or _symbolic_trace._is_fx_tracing_flag:
+            spec = self._spec()
+        use_buffers = not training or self.track_running_stats
         return batch_norm_layer(
             input,
             mask,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
-            counter,
+            self.num_batches_tracked if training and self.track_running_stats else None,
             self.weight,
             self.bias,
-            self._spec(),
+            spec,
         )
 
     # --- state ----------------------------------------------------------------------
