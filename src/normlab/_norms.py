@@ -15,6 +15,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = [
     "NormLeafTracer",
+    "batchnorms_with_running_stats",
     "has_running_stats",
     "is_batchnorm",
     "is_frozen_batchnorm",
@@ -67,6 +68,25 @@ def is_batchnorm(module: nn.Module) -> bool:
         and has_running_stats(module)
         and hasattr(module, "eps")
     )
+
+
+def batchnorms_with_running_stats(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: layer}`` for every batch norm of ``model`` that keeps running statistics it can
+    move (frozen layers excluded), in ``named_modules`` order — what recalibration, the
+    train/eval gap and gradient accumulation work on.
+
+    Examples
+    --------
+    >>> import torch, normlab
+    >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), normlab.nn.FrozenBatchNorm1d(3))
+    >>> list(batchnorms_with_running_stats(model))
+    ['0']
+    """
+    return {
+        path: m
+        for path, m in model.named_modules()
+        if is_batchnorm(m) and has_running_stats(m) and not is_frozen_batchnorm(m)
+    }
 
 
 def is_norm_layer(module: nn.Module) -> bool:

@@ -52,6 +52,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
+from .._norms import batchnorms_with_running_stats
 from .._table import render_table
 from ..functional import batch_norm_stats, merge_stats
 from ..nn.utils._common import (
@@ -59,11 +60,8 @@ from ..nn.utils._common import (
     batch_input,
     bn_channel_axis,
     bn_eps,
-    has_running_stats,
     hooked_input,
     input_stats,
-    is_batchnorm,
-    is_frozen_batchnorm,
     module_dtype_device,
 )
 
@@ -326,11 +324,7 @@ def train_eval_gap(
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
     if not (isinstance(threshold, float | int) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    layers = {
-        path: m
-        for path, m in model.named_modules()
-        if is_batchnorm(m) and has_running_stats(m) and not is_frozen_batchnorm(m)
-    }
+    layers = batchnorms_with_running_stats(model)
     if not layers:
         raise ValueError("train_eval_gap: the model has no batch norm with running statistics")
     _, device = module_dtype_device(model)

@@ -72,7 +72,7 @@ def batch_norm_train(
     >>> y.sum().backward()                               # the closed-form backward
     """
     check_input(input)
-    check_channels(input.shape[1], weight=weight, bias=bias, device=input.device)
+    check_channels(input, weight=weight, bias=bias)
     eps = check_eps(eps)
     check_batch_size(input, mask)
     per_sample = input.numel() // max(1, input.shape[0] * input.shape[1])

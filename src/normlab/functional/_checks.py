@@ -103,17 +103,26 @@ def check_input(input: Any, *, what: str = "batch_norm", ndims: Sequence[int] = 
 
 
 def check_channels(
-    channels: int,
-    *,
+    input: Tensor,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    device: torch.device | None = None,
 ) -> None:
-    """Each given per-channel tensor holds ``channels`` elements, in torch's order and words
-    (``RuntimeError: running_mean should contain 64 elements not 3``), is floating point and,
-    when ``device`` is given, lives there."""
+    """Each given per-channel tensor holds one element per channel of ``input`` ``(N, C, *)``,
+    in torch's order and words (``RuntimeError: running_mean should contain 64 elements not
+    3``), is floating point and lives on the input's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_channels(torch.randn(2, 3), torch.zeros(3), torch.ones(3))
+    >>> check_channels(torch.randn(2, 64), torch.zeros(3))
+    Traceback (most recent call last):
+    ...
+    RuntimeError: running_mean should contain 64 elements not 3
+    """
+    channels, device = input.shape[1], input.device
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -126,7 +135,7 @@ def check_channels(
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if device is not None and t.device != device:
+        if t.device != device:
             raise RuntimeError(
                 f"{name} is on {t.device} but the input is on {device}; move the layer with "
                 f".to({str(device)!r})"

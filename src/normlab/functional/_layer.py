@@ -248,14 +248,7 @@ def _forward(
             )
     if not spec.training and has_running:
         return _eval(x, mask, running_mean, running_var, weight, bias, spec)  # type: ignore[arg-type]
-    check_channels(
-        x.shape[1],
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-        device=x.device,
-    )
+    check_channels(x, running_mean, running_var, weight, bias)
     if spec.reducer is None:  # SyncBN counts across processes (a rank may hold no sample)
         try:
             n = check_batch_size(x, mask)
@@ -362,14 +355,7 @@ def _aten_train(
     must not change in place after autograd saved it). ATen does not check the channels of
     the tensors it is given: the compiled call does, in C++; otherwise they are checked here."""
     if not (host and NativeKernel.checks_channels()):
-        check_channels(
-            x.shape[1],
-            running_mean=running_mean,
-            running_var=running_var,
-            weight=weight,
-            bias=bias,
-            device=x.device,
-        )
+        check_channels(x, running_mean, running_var, weight, bias)
     policy = spec.nonfinite
     if policy == "propagate" or (policy == "skip" and host):
         y, mean, invstd, restored = NativeKernel.train_and_update(
@@ -410,14 +396,7 @@ def _eval(
     )
     kernel = resolve_kernel(spec.backend, x, variant=spec.act is not None, differentiable=records)
     if kernel.name not in _CHECKED_EVAL:
-        check_channels(
-            x.shape[1],
-            running_mean=running_mean,
-            running_var=running_var,
-            weight=weight,
-            bias=bias,
-            device=x.device,
-        )
+        check_channels(x, running_mean, running_var, weight, bias)
     act = spec.act
     fused = act if act is not None and act.name in kernel.activations else None
     y = kernel.forward_eval(x, running_mean, running_var, weight, bias, spec.eps, fused)

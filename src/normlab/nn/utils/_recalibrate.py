@@ -24,14 +24,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..._norms import batchnorms_with_running_stats
 from ._common import (
     RunningState,
     batch_input,
-    has_running_stats,
     hooked_input,
     input_stats,
-    is_batchnorm,
-    is_frozen_batchnorm,
     module_dtype_device,
 )
 
@@ -143,11 +141,7 @@ def recalibrate_batchnorm(
     """
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-    eligible = {
-        name: m
-        for name, m in model.named_modules()
-        if is_batchnorm(m) and has_running_stats(m) and not is_frozen_batchnorm(m)
-    }
+    eligible = batchnorms_with_running_stats(model)
     if not eligible:
         raise ValueError(
             "recalibrate_batchnorm: the model has no BatchNorm with running statistics"
