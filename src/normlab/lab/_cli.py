@@ -26,18 +26,39 @@ def _console():
 
 
 def _claims_table(records: list[dict[str, Any]]) -> None:
+    """The claims (then the sanity checks) as compact rich tables on stdout (the report has every column)."""
     from rich.console import Console
     from rich.table import Table
 
-    from .report import _HEAD, claims_rows
+    from .experiments._common import num
+    from .report import check_rows
 
-    table = Table(title="claims")
-    for h in _HEAD:
-        table.add_column(h, overflow="fold")
-    for row in claims_rows(records):
-        style = "green" if row[-1] == "PASS" else "red"
-        table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
-    Console().print(table)
+    styles = {"confirmed": "green", "refuted": "red", "inconclusive": "yellow"}
+    console = Console()
+    rows = check_rows(records)
+    for kind, title in (("claim", "claims"), ("sanity", "sanity checks (hold by construction)")):
+        chosen = [r for r in rows if r["kind"] == kind]
+        if not chosen:
+            continue
+        table = Table(title=title)
+        for h in ("experiment", "dataset", "claim", "n", "estimate", "95 % interval", "threshold"):
+            table.add_column(h, overflow="fold")
+        table.add_column("verdict", no_wrap=True)
+        for r in chosen:
+            lo = num(r["ci_low"]) if r["ci_low"] is not None else "−∞"
+            hi = num(r["ci_high"]) if r["ci_high"] is not None else "∞"
+            style = styles.get(r["verdict"], "white")
+            table.add_row(
+                r["experiment"],
+                r["dataset"],
+                r["claim"],
+                str(r["n"]),
+                num(r["estimate"]),
+                f"[{lo}, {hi}]",
+                f"{r['op']} {num(r['threshold'])}",
+                f"[{style}]{r['verdict']}[/{style}]",
+            )
+        console.print(table)
 
 
 @lab_app.command("list")
@@ -57,14 +78,14 @@ def run(
     quick: Annotated[
         bool,
         typer.Option(
-            help="Fewer seeds (3), the quick configuration, and a fixed 5k-sample training subset on "
+            help="Fewer seeds (5), the quick configuration, and a fixed 5k-sample training subset on "
             "fashion-mnist, mnist and cifar10."
         ),
     ] = False,
     dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")] = "digits",
     data_dir: Annotated[Path | None, typer.Option(help="Folder with IDX / CIFAR-10 files.")] = None,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Number of seeds (default 3 quick, 5 full).")
+        int | None, typer.Option(min=1, help="Number of seeds (default 5 quick, 10 full).")
     ] = None,
     out: OutOption = Path("runs"),
     force: Annotated[bool, typer.Option(help="Rerun units that already have results.")] = False,
@@ -81,7 +102,7 @@ def run(
     """Run experiments; finished units are skipped (resume after an interruption with the same command)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .experiments import REGISTRY
+    from .experiments import FULL_SEEDS, QUICK_SEEDS, REGISTRY
     from .runner import load_claims, run_experiment
 
     chosen = list(REGISTRY) if names == ["all"] else names
@@ -94,7 +115,7 @@ def run(
         )
     if threads:
         torch.set_num_threads(threads)
-    seed_list = list(range(seeds if seeds is not None else (3 if quick else 5)))
+    seed_list = list(range(seeds if seeds is not None else (QUICK_SEEDS if quick else FULL_SEEDS)))
     console = _console()
     tty = sys.stderr.isatty()
     start = time.perf_counter()
@@ -125,10 +146,7 @@ def run(
             except DatasetError as exc:
                 console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2) from exc
-            verdict = (
-                ", ".join(f"{c.claim.name} {'PASS' if c.passed else 'FAIL'}" for c in claims)
-                or "report only"
-            )
+            verdict = ", ".join(f"{c.claim.name} {c.verdict}" for c in claims) or "report only"
             if not tty:
                 console.print(f"{name}: {verdict} ({time.perf_counter() - t0:.1f} s)")
     records = [r for r in load_claims(out) if r["experiment"] in chosen and r["dataset"] == dataset]
@@ -152,14 +170,36 @@ def report(out: OutOption = Path("runs")) -> None:
 
 
 @lab_app.command()
-def check(out: OutOption = Path("runs")) -> None:
-    """Exit 0 when every claim under --out passes, 1 when any fails, 2 when no experiment ran."""
+def check(
+    out: OutOption = Path("runs"),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print a JSON list, one object per claim: experiment, claim, kind, dataset, n, "
+            "estimate, ci_low, ci_high, threshold, op, paper_value, verdict (null for a missing or "
+            "infinite number).",
+        ),
+    ] = False,
+) -> None:
+    """Exit 0 when every claim (kind "claim") under --out is confirmed, 1 when any is refuted or
+    inconclusive (or a claims file cannot be read), 2 when no experiment ran. Sanity checks are
+    listed but do not count."""
+    import json
+
+    from .report import check_rows, usable
     from .runner import load_claims
 
-    records = load_claims(out)
+    records, skipped = usable(load_claims(out))
+    for reason in skipped:
+        _console().print(f"skipped: {reason}")
     if not records:
         _console().print(f"no experiment results under {out}")
         raise typer.Exit(2)
-    _claims_table(records)
-    failed = sum(not c["passed"] for r in records for c in r["claims"])
-    raise typer.Exit(1 if failed else 0)
+    rows = check_rows(records)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1, ensure_ascii=False, allow_nan=False))
+    else:
+        _claims_table(records)
+    failed = [r for r in rows if r["kind"] == "claim" and r["verdict"] != "confirmed"]
+    raise typer.Exit(1 if failed or skipped else 0)
