@@ -11,18 +11,11 @@ gradient scale, so it takes one learning rate for all members.
 A seed's result can still change with its companions: batched matrix products
 round differently from single ones, and chaotic training amplifies rounding.
 Treat seeds as random draws.
-
-While it trains, :func:`train_ensemble` flushes denormal floats to zero
-(``torch.set_flush_denormal``) and turns flushing off again when it returns: the
-momentum buffers of dead units and the activations of tiny-init networks decay into
-the denormal range, where x86 arithmetic runs many times slower, and values below
-1e-38 carry nothing these experiments measure.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,16 +231,6 @@ def _member_data(
     return distinct[0], x_train, x_test, which
 
 
-@contextlib.contextmanager
-def _flush_denormals() -> Iterator[None]:
-    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot flush
-    try:
-        yield
-    finally:
-        if flushing:
-            torch.set_flush_denormal(False)
-
-
 def train_ensemble(
     models: Sequence[nn.Sequential],
     data: Dataset | Sequence[Dataset],
@@ -284,20 +267,6 @@ def train_ensemble(
     (results, ensemble)
         ``ensemble.to_models()`` gives the trained members.
     """
-    with _flush_denormals():
-        return _train(models, data, config, seeds, probe, probe_every, step_hook, progress)
-
-
-def _train(
-    models: Sequence[nn.Sequential],
-    data: Dataset | Sequence[Dataset],
-    config: TrainConfig,
-    seeds: Sequence[int],
-    probe: Probe | None,
-    probe_every: int | None,
-    step_hook: Callable[[int, Ensemble], None] | None,
-    progress: bool | str,
-) -> tuple[list[MemberResult], Ensemble]:
     k = len(models)
     if len(seeds) != k:
         raise ValueError(f"need one seed per model: {k} models, {len(seeds)} seeds")
