@@ -67,7 +67,7 @@ def test_ensemble_equals_sequential(
     seeds = [0, 1, 2]
     lrs = [0.05, 0.1, 0.02] if optimizer == "sgd" else [2e-3] * 3
     cfg = TrainConfig(
-        optimizer=optimizer, lr=lrs, momentum=momentum, batch_size=32, steps=25, eval_every=10
+        optimizer=optimizer, lr=lrs, momentum=momentum, batch_size=32, steps=12, eval_every=5
     )
 
     def make(seed: int) -> nn.Sequential:
@@ -80,14 +80,14 @@ def test_ensemble_equals_sequential(
     for k, s in enumerate(seeds):
         ref = _sequential(make(s), data, cfg, s, lrs[k])
         for (name, a), (_, b) in zip(trained[k].state_dict().items(), ref.state_dict().items()):
-            # The first 10 steps agree to ~1e-7; later a ReLU kink can amplify fp32 rounding
-            # (batched vs single matmuls) to ~1e-4 for one member. A wrong learning rate, data order or
-            # statistic differs by orders of magnitude more.
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=2e-4, msg=name)
+            # Batched and single matmuls round differently; a nearly dead ReLU before a BN
+            # (bn_after) amplifies that by orders of magnitude within ~20 steps (float64 too), so
+            # the comparison stops at 12 steps, where every case agrees to ~1e-6.
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
         with torch.no_grad():
             acc = (ref(data.x_test).argmax(1) == data.y_test).float().mean().item()
         assert results[k].final_test_acc == pytest.approx(acc, abs=1e-6)
-        assert results[k].steps == [0, 10, 20, 25]
+        assert results[k].steps == [0, 5, 10, 12]
 
 
 def test_forward_outputs_and_roundtrip(data: Dataset) -> None:

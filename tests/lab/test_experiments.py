@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -126,3 +127,15 @@ def test_claims_render_accuracy_levels_per_dataset() -> None:
                 rendered = exp.claim(c.name, ds)
                 assert "{" not in rendered.statement + rendered.quantity, (exp.name, c.name)
         assert "{" not in exp.setup, exp.name
+
+
+@pytest.mark.parametrize("name", ["noisy_bn", "input_normalization"])
+def test_a_unit_gives_the_same_numbers_when_rerun(
+    name: str, synthetic: Dataset, capped_training: None
+) -> None:
+    """Same config, same machine and threads → the same metrics (noise, data order, distortions and
+    initializations all come from seeded generators)."""
+    exp = REGISTRY[name]
+    cfg = exp.configs(quick=True, seeds=[0, 1], dataset="synthetic")[-1]
+    first, second = (json.dumps(exp.run(cfg, synthetic), sort_keys=True) for _ in range(2))
+    assert first == second  # (as JSON: a NaN equals itself there)

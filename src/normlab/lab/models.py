@@ -75,7 +75,8 @@ class MicroBatch(nn.Module):
     ``size`` samples, are the layer itself.
 
     The ``G`` micro-batches run as one call of the layer over ``G·C`` channels
-    (:func:`normlab.lab.ensemble.channel_concat`), with the layer's own parameters repeated.
+    (:func:`normlab.lab.ensemble.channel_concat`), with the layer's own parameters repeated
+    (so their gradients are the sums over micro-batches).
     """
 
     def __init__(self, norm: _BatchNorm, size: int) -> None:
@@ -105,6 +106,17 @@ class MicroBatch(nn.Module):
             [m.norm for m in layers], wrap=lambda n: cls(n, size), unwrap=unwrap
         )
 
+    def _wide_layer(self, groups: int) -> _BatchNorm:
+        """The layer over ``groups·C`` channels; its parameters are set from ``norm``'s each forward."""
+        wide = self._wide.get(groups)
+        if wide is None:
+            wide = channel_concat([self.norm] * groups)
+            for name, _ in list(wide.named_parameters(recurse=False)):
+                delattr(wide, name)  # a plain attribute from now on: the repeat of norm's parameter
+                setattr(wide, name, None)
+            self._wide[groups] = wide
+        return wide
+
     def forward(self, x: Tensor) -> Tensor:  # (N, C)
         n, c = x.shape
         if not self.training or n <= self.size:
@@ -114,29 +126,24 @@ class MicroBatch(nn.Module):
             raise ValueError(
                 f"a batch of {n} samples is not a whole number of micro-batches of {self.size}"
             )
-        wide = self._wide.get(groups)
-        if wide is None:
-            wide = self._wide[groups] = channel_concat([self.norm] * groups)
-        norm = self.norm
-        per_channel = [
-            name
+        norm, wide = self.norm, self._wide_layer(groups)
+        buffers = [
+            (name, b, b.dim() == 1 and b.numel() == c)
             for name, b in norm.named_buffers(recurse=False)
-            if b is not None and b.dim() == 1 and b.numel() == c
+            if b is not None
         ]
         with torch.no_grad():
-            for name, b in norm.named_buffers(recurse=False):
-                if b is not None:
-                    getattr(wide, name).copy_(b.repeat(groups) if name in per_channel else b)
-        params = {name: p.repeat(groups) for name, p in norm.named_parameters(recurse=False)}
+            for name, b, per_channel in buffers:
+                getattr(wide, name).copy_(b.repeat(groups) if per_channel else b)
+        for name, p in norm.named_parameters(recurse=False):
+            setattr(wide, name, p.repeat(groups))  # gradients flow back to norm's parameter
         wide.train()
         chunks = x.view(groups, self.size, c).transpose(0, 1).reshape(self.size, groups * c)
-        y = torch.func.functional_call(wide, params, (chunks,))  # (size, G·C)
+        y = wide(chunks)  # (size, G·C)
         with torch.no_grad():
-            for name, b in norm.named_buffers(recurse=False):
-                if b is None:
-                    continue
+            for name, b, per_channel in buffers:
                 src = getattr(wide, name)
-                b.copy_(src.view(groups, c).mean(0) if name in per_channel else src)
+                b.copy_(src.view(groups, c).mean(0) if per_channel else src)
         return y.view(self.size, groups, c).transpose(0, 1).reshape(n, c)
 
 

@@ -4,9 +4,9 @@ Every member draws its mini-batches with its own seed (its data order does not
 depend on its companions) and may have its own learning rate. The optimizer is
 torch's own (``torch.optim.SGD`` or ``Adam``): they are elementwise, so on
 member-major stacked parameters each member is optimized separately. A per-member
-learning rate is a per-member gradient scale under SGD (with or without momentum,
-``lr·g`` accumulates exactly like ``g`` at rate ``lr``); Adam is invariant to
-gradient scale, so it takes one learning rate for all members.
+learning rate is a per-member weight on the loss, hence on the gradient, under SGD
+(with or without momentum, ``lr·g`` accumulates exactly like ``g`` at rate ``lr``);
+Adam is invariant to gradient scale, so it takes one learning rate for all members.
 
 A seed's result can still change with its companions: batched matrix products
 round differently from single ones, and chaotic training amplifies rounding.
@@ -94,9 +94,9 @@ def make_optimizer(ens: Ensemble, config: TrainConfig) -> torch.optim.Optimizer:
     """torch's SGD (``momentum``) or Adam over the stacked parameters (see the module docstring for lr)."""
     params = list(ens.parameters())
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1.0, momentum=config.momentum)
+        return torch.optim.SGD(params, lr=1.0, momentum=config.momentum, foreach=True)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=1.0)
+        return torch.optim.Adam(params, lr=1.0, foreach=True)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
 
 
@@ -126,26 +126,14 @@ def train_step(
 ) -> Tensor:
     """One step of every member on its own batch ``x`` ``(K, B, F)``, ``y`` ``(K, B)``.
 
-    ``scale`` ``(K,)`` multiplies member ``k``'s gradient (its SGD learning rate; 0 freezes a
-    member, NaN gradients included); ``lr`` is the optimizer's rate for this step. Returns the
-    per-member losses ``(K,)`` before the step.
+    ``scale`` ``(K,)`` weighs member ``k``'s loss, hence its gradient (its SGD learning rate; 0
+    stops a member's updates — a diverged member, whose NaNs stay in its own rows); ``lr`` is the
+    optimizer's rate for this step. Returns the per-member losses ``(K,)`` before the step.
     """
     logits = ens(x)
     loss_k = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # (K,)
     opt.zero_grad(set_to_none=True)
-    loss_k.sum().backward()
-    if scale is not None:
-        with torch.no_grad():
-            frozen = bool((scale == 0).any())
-            column = scale.view(-1, 1)
-            for p in ens.parameters():
-                if p.grad is None:
-                    continue
-                g = p.grad.view(ens.k, -1)  # member-major
-                if frozen:
-                    g.copy_(torch.where(column != 0, g * column, torch.zeros((), dtype=g.dtype)))
-                else:
-                    g.mul_(column)
+    (loss_k.sum() if scale is None else (loss_k * scale).sum()).backward()
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()

@@ -25,7 +25,6 @@ Thresholds on absolute accuracy are written for digits; :func:`accuracy_level` l
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -97,11 +96,6 @@ class Experiment:
             if c.name == name:
                 return c.for_dataset(dataset)
         raise KeyError(f"{self.name} declares no claim {name!r}")
-
-    @staticmethod
-    def seeds_of(results: Results) -> Sequence[int]:
-        """The seeds of the first unit (every unit of an experiment shares its seed list)."""
-        return list(results[0][0]["seeds"]) if results else []
 
 
 REGISTRY: dict[str, Experiment] = {}
