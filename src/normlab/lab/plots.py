@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save", "seed_dots"]
+__all__ = ["new_figure", "same_ylim", "save", "seed_dots"]
 
 
 def new_figure(
@@ -32,6 +32,13 @@ def new_figure(
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
     return fig, axes.flatten()
+
+
+def same_ylim(*axes: Any) -> None:
+    """Give ``axes`` (paired panels, already drawn) one y-range: the union of their own."""
+    lows, highs = zip(*(ax.get_ylim() for ax in axes))
+    for ax in axes:
+        ax.set_ylim(min(lows), max(highs))
 
 
 def save(fig: Figure, path: Path) -> Path:

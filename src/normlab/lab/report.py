@@ -94,7 +94,7 @@ def _interval(c: dict[str, Any]) -> str:
 
 
 def _threshold(claim: dict[str, Any], value: float) -> str:
-    op = {"within": "|x| <"}.get(claim["op"], claim["op"])
+    op = {"within": "|x| <", ">=": "≥", "<=": "≤"}.get(claim["op"], claim["op"])
     return f"{op} {num(value)} ({claim.get('threshold_origin', 'ours')})"
 
 

@@ -223,7 +223,7 @@ class Claim:
         kept = [c for v, c in zip(vals, cens) if math.isfinite(v)]
         nb = sum(c is not None for c in kept)
         if nb:
-            notes.append(f"{nb} of {len(kept)} values are bounds (censored at the budget)")
+            notes.append(f"{nb} of {len(kept)} values are bounds, censored at the budget")
         result = verdict(self.op, limit, lo, hi) if len(ok) >= 2 else "inconclusive"
         if missing or not _censoring_allows(self.op, result, kept):
             result = "inconclusive"

@@ -15,7 +15,7 @@ from ..data import Dataset
 from ..ensemble import Ensemble, StackedLayer, TrainConfig, train_ensemble
 from ..models import mlp
 from . import Claim, ClaimResult, Experiment, Results, register
-from ._common import fmt, grouped, md_table, members
+from ._common import band, fmt, grouped, md_table, members
 from .convergence import inputs_of
 
 __all__ = ["NoiseInjection", "NoisyBN", "StackedNoise", "instability", "instability_probe"]
@@ -27,6 +27,16 @@ LABELS = {"plain": "plain", "bn": "BN", "noisy_bn": "BN + noise"}
 MEAN_RANGE, SCALE_RANGE, SPREAD = 0.5, (0.5, 1.5), 0.1
 
 
+def _noise(gen: torch.Generator, k: int, n: int, width: int) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, ``(k, n, width)`` each: the distribution's parameters ``(k, 1, width)``
+    drawn first, then the per-sample noise around them (module docstring of :class:`NoiseInjection`)."""
+    params = torch.rand(2, k, 1, width, generator=gen)
+    mu = (params[0] * 2 - 1) * MEAN_RANGE
+    sigma = SCALE_RANGE[0] + params[1] * (SCALE_RANGE[1] - SCALE_RANGE[0])
+    noise = torch.randn(2, k, n, width, generator=gen) * SPREAD
+    return sigma + noise[0], mu + noise[1]
+
+
 class NoiseInjection(nn.Module):
     """Time-varying noise after a batch norm (Santurkar et al. 2018, §2.1), identity in eval mode.
 
@@ -34,29 +44,19 @@ class NoiseInjection(nn.Module):
     and ``m ~ N(μ_t, 0.1²)`` drawn i.i.d. per sample and unit, where the distribution's parameters
     ``μ_t ~ U(−0.5, 0.5)`` and ``σ_t ~ U(0.5, 1.5)`` are drawn anew per unit at every training
     forward (every step): a non-zero mean and non-unit variance that change all the time. The
-    draws come from the layer's own generator (``seed``), so a member's noise depends on its
-    seed only. Opts into stacking with :meth:`stack` (each member keeps its own generator).
+    draws come from the layer's own generator (``seed``). Opts into stacking with :meth:`stack`.
     """
 
     def __init__(self, width: int, seed: int) -> None:
         super().__init__()
-        self.width = width
-        self.generator = torch.Generator().manual_seed(int(seed))
-
-    def draw(self, n: int) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)``, ``(n, width)`` each, for one batch."""
-        g, w = self.generator, self.width
-        params = torch.rand(2, w, generator=g)
-        mu = (params[0] * 2 - 1) * MEAN_RANGE
-        sigma = SCALE_RANGE[0] + params[1] * (SCALE_RANGE[1] - SCALE_RANGE[0])
-        noise = torch.randn(2, n, w, generator=g) * SPREAD
-        return sigma + noise[0], mu + noise[1]
+        self.width, self.seed = width, int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C)
         if not self.training:
             return x
-        scale, shift = self.draw(x.shape[0])
-        return x * scale.to(x.dtype) + shift.to(x.dtype)
+        scale, shift = _noise(self.generator, 1, x.shape[0], self.width)
+        return x * scale[0].to(x.dtype) + shift[0].to(x.dtype)
 
     @classmethod
     def stack(cls, layers: Sequence[NoiseInjection]) -> StackedNoise:
@@ -64,28 +64,22 @@ class NoiseInjection(nn.Module):
 
 
 class StackedNoise(StackedLayer):
-    """K :class:`NoiseInjection` layers on ``(K, N, C)``, each member drawing from a copy of its
-    layer's generator (the members themselves are left unchanged)."""
+    """K :class:`NoiseInjection` layers on ``(K, N, C)``: every member its own noise, drawn for all
+    members at once from one generator seeded by the members' seeds (two draws per step instead of
+    two per member). A member's noise sequence therefore depends on its companions — seeds are
+    random draws — and the members' own generators are left as they were."""
 
     def __init__(self, layers: Sequence[NoiseInjection]) -> None:
         super().__init__()
-        self._draws = []
-        for layer in layers:
-            copy = NoiseInjection(layer.width, 0)
-            copy.generator.set_state(layer.generator.get_state())
-            self._draws.append(copy)
+        self.width = layers[0].width
+        seed = hash(tuple(layer.seed for layer in layers)) % (2**62)  # ints hash the same every run
+        self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
         if not self.training:
             return x
-        draws = [layer.draw(x.shape[1]) for layer in self._draws]
-        scale = torch.stack([d[0] for d in draws]).to(x.dtype)
-        shift = torch.stack([d[1] for d in draws]).to(x.dtype)
-        return x * scale + shift
-
-    def unstack(self, k: int, target: nn.Module) -> None:
-        assert isinstance(target, NoiseInjection)
-        target.generator.set_state(self._draws[k].generator.get_state())
+        scale, shift = _noise(self.generator, x.shape[0], x.shape[1], self.width)
+        return x * scale.to(x.dtype) + shift.to(x.dtype)
 
 
 def model(data: Dataset, arm: str, seed: int) -> nn.Sequential:
@@ -304,23 +298,41 @@ class NoisyBN(Experiment):
         return md_table(["model", "lr", "final test accuracy", "distributional instability"], rows)
 
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
-        from ..plots import new_figure, save, seed_dots
+        from ..plots import new_figure, same_ylim, save, seed_dots
 
         by = self._by(results)
-        fig, axes = new_figure(2, 3, width=17, height=9)
+        fig, axes = new_figure(2, 4, width=22, height=9)
         for col, lr in enumerate((LR_LOW, LR_HIGH)):
             groups = [(LABELS[a], [r["final_test_acc"] for r in by[(a, lr)]]) for a in ARMS]
             seed_dots(axes[col], groups)
             axes[col].set(
                 title=f"Final test accuracy at lr {lr} (dots: seeds)", ylabel="test accuracy"
             )
-        axes[1].sharey(axes[0])
-        seed_dots(axes[2], [(LABELS[a], [r["instability"] for r in by[(a, LR_LOW)]]) for a in ARMS])
-        axes[2].set(
+        same_ylim(axes[0], axes[1])
+
+        def diff(a: str, b: str, lr: float) -> list[float]:
+            return [
+                x["final_test_acc"] - y["final_test_acc"] for x, y in zip(by[(a, lr)], by[(b, lr)])
+            ]
+
+        seed_dots(
+            axes[2],
+            [
+                (f"BN − noisy\nlr {LR_LOW}", diff("bn", "noisy_bn", LR_LOW)),
+                (f"BN − plain\nlr {LR_HIGH}", diff("bn", "plain", LR_HIGH)),
+                (f"noisy − plain\nlr {LR_HIGH}", diff("noisy_bn", "plain", LR_HIGH)),
+            ],
+            zero_line=True,
+        )
+        for bound in (-0.02, 0.02):
+            axes[2].axhline(bound, color="gray", ls="--", lw=0.8)
+        axes[2].set(title="Paired by seed (dashed: ±0.02)", ylabel="accuracy difference")
+        seed_dots(axes[3], [(LABELS[a], [r["instability"] for r in by[(a, LR_LOW)]]) for a in ARMS])
+        axes[3].set(
             title=f"Distributional instability at lr {LR_LOW}", ylabel="mean |Δmean| + |Δstd|"
         )
         layer, unit = TRACKED
-        for ax, arm in zip(axes[3:], ARMS):
+        for ax, arm in zip(axes[4:7], ARMS):
             r = by[(arm, LR_LOW)][0]
             q = np.asarray(r["unit_quantiles"], dtype=float)  # (T, 5): the first seed
             steps = r["probe_steps"][: len(q)]
@@ -334,8 +346,17 @@ class NoisyBN(Experiment):
                 ylabel="ReLU input (percentiles)",
             )
             ax.legend(fontsize=8)
-        axes[4].sharey(axes[3])
-        axes[5].sharey(axes[3])
+        same_ylim(*axes[4:7])
+        for arm in ARMS:
+            recs = by[(arm, LR_LOW)]
+            band(axes[7], recs[0]["steps"], [r["train_loss"] for r in recs], label=LABELS[arm])
+        axes[7].set_yscale("log")
+        axes[7].set(
+            title=f"Training loss at lr {LR_LOW}",
+            xlabel="training step",
+            ylabel="training loss (log scale)",
+        )
+        axes[7].legend(fontsize=8)
         path = out_dir / "noisy_bn.png"
         save(fig, path)
         return [path]

@@ -202,11 +202,9 @@ class SignalPropagation(Experiment):
         )
 
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
-        from ..plots import new_figure, save
+        from ..plots import new_figure, same_ylim, save
 
         fig, axes = new_figure(2, 2, width=12, height=7)
-        axes[1].sharey(axes[0])
-        axes[3].sharey(axes[2])
         for col, (init, recs) in enumerate(
             grouped(members(results), lambda r: r["config"]["init"]).items()
         ):
@@ -231,6 +229,8 @@ class SignalPropagation(Experiment):
             )
         for ax in axes:
             ax.legend(fontsize=7)
+        same_ylim(axes[0], axes[1])
+        same_ylim(axes[2], axes[3])
         path = out_dir / "signal_propagation.png"
         save(fig, path)
         return [path]
