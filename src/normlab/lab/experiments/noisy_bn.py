@@ -21,7 +21,7 @@ from .convergence import inputs_of
 __all__ = ["NoiseInjection", "NoisyBN", "StackedNoise", "instability", "instability_probe"]
 
 DEPTH, WIDTH, BATCH, STEPS, EVERY = 8, 100, 64, 800, 40
-LR_LOW, LR_HIGH = 0.05, 0.3
+LR_LOW, LR_HIGH = 0.1, 0.3
 ARMS = ("plain", "bn", "noisy_bn")
 LABELS = {"plain": "plain", "bn": "BN", "noisy_bn": "BN + noise"}
 MEAN_RANGE, SCALE_RANGE, SPREAD = 0.5, (0.5, 1.5), 0.1
@@ -150,9 +150,11 @@ class NoisyBN(Experiment):
         "redrawn at every step (our reading of the paper's description; the magnitudes are ours: "
         "y ↦ s·y + m, s ~ N(σ_t, 0.1²), m ~ N(μ_t, 0.1²), μ_t ~ U(−0.5, 0.5), σ_t ~ U(0.5, 1.5) per unit "
         "and step; off in eval mode). Changed: an MLP with 8 hidden layers of 100 ReLU units (He init) "
-        f"instead of VGG on CIFAR-10; plain SGD, batch {BATCH}, {STEPS} steps (40 epochs on digits, where "
-        f"BN's training loss has plateaued); two learning rates: {LR_LOW}, plain's best in a sweep on "
-        f"digits (0.01–0.3) at this budget, and {LR_HIGH}, a high rate. Distributional instability: "
+        f"instead of VGG on CIFAR-10; plain SGD, batch {BATCH}, {STEPS} steps (40 epochs on digits, by which "
+        f"BN's training loss has flattened below 0.02: the training set is nearly fit); two learning rates: {LR_LOW}, where plain trains "
+        "best within the noise (a sweep of plain on digits at this budget, 5 seeds: seed-mean accuracy "
+        "0.960, 0.966, 0.969, 0.972, 0.976 at lr 0.01, 0.02, 0.05, 0.1, 0.2; two of five seeds diverge at "
+        f"0.3), and {LR_HIGH}, a high rate. Distributional instability: "
         f"every {EVERY} steps each unit's mean and std of its ReLU input on the test set (network as it "
         "trains, noise included), mean |Δmean| + |Δstd| over layers, units and consecutive probes. A "
         "diverged run scores chance accuracy (1/classes). Both learning rates of an arm train as one "
