@@ -28,6 +28,8 @@ def test_registry_lists_the_twelve_experiments_in_order() -> None:
         )  # what was taken from the paper, and what changed
         for c in exp.claims:
             assert c.paper_value, (exp.name, c.name)  # the paper's own value beside ours
+        # a unit's config holds what determines its result (the store's hash covers it)
+        assert all("setup" in cfg for cfg in exp.configs(quick=True, seeds=[0], dataset="digits"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -12,6 +12,7 @@ from . import ClaimResult, Experiment, Results, register, t_interval
 from ._common import band, fmt, grouped, md_table, members, num
 
 ARMS = tuple((act, place) for act in ("relu", "sigmoid") for place in ("bn", "bn_after"))
+SETUP = {"lr": 0.05, "momentum": 0.9, "batch": 64}
 
 
 @register
@@ -36,7 +37,13 @@ class BNPlacement(Experiment):
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         return [
-            {"activation": a, "norm": p, "seeds": seeds, "epochs": 10 if quick else 20}
+            {
+                "activation": a,
+                "norm": p,
+                "seeds": seeds,
+                "epochs": 10 if quick else 20,
+                "setup": SETUP,
+            }
             for a, p in ARMS
         ]
 

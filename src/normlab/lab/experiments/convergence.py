@@ -30,6 +30,13 @@ PROBE_SAMPLES = 2000  # quantiles on the first 2000 test samples (digits: all 50
 STEPS, EVAL_EVERY, PROBE_EVERY, LR, BATCH, INIT_STD = 5000, 20, 100, 0.5, 60, 0.1
 ARMS = ("none", "bn")
 LABELS = {"none": "plain", "bn": "BN"}
+SETUP = {
+    "lr": LR,
+    "batch": BATCH,
+    "init_std": INIT_STD,
+    "eval_every": EVAL_EVERY,
+    "probe_every": PROBE_EVERY,
+}
 
 
 def inputs_of(
@@ -152,7 +159,10 @@ class Convergence(Experiment):
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
-        return [{"norm": norm, "seeds": seeds, "steps": STEPS, "dataset": dataset} for norm in ARMS]
+        return [
+            {"norm": norm, "seeds": seeds, "steps": STEPS, "dataset": dataset, "setup": SETUP}
+            for norm in ARMS
+        ]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

@@ -20,6 +20,7 @@ from ._common import fmt, grouped, md_table, members, num
 
 BLOCKS, WIDTH, BATCH = 20, 100, 512
 ALPHAS = tuple(float(a) for a in np.logspace(-5, 1, 61))
+SETUP = {"blocks": BLOCKS, "width": WIDTH, "batch": BATCH}
 
 
 def largest_safe_step(
@@ -127,7 +128,7 @@ class GradientsAtInit(Experiment):
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
-        return [{"norm": norm, "seeds": seeds} for norm in ("none", "bn")]
+        return [{"norm": norm, "seeds": seeds, "setup": SETUP} for norm in ("none", "bn")]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

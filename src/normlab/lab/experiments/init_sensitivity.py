@@ -17,6 +17,7 @@ __all__ = ["InitSensitivity", "tolerated"]
 
 STDS = tuple(float(s) for s in np.logspace(-4, 0, 20))
 STEPS, DEPTH, WIDTH, BATCH, LR, MOMENTUM = 600, 8, 50, 64, 0.01, 0.9
+SETUP = {"depth": DEPTH, "width": WIDTH, "batch": BATCH, "lr": LR, "momentum": MOMENTUM}
 ARMS = (("none", "relu"), ("bn", "relu"), ("none", "sigmoid"), ("none", "tanh"), ("none", "selu"))
 
 
@@ -88,6 +89,7 @@ class InitSensitivity(Experiment):
                 "stds": list(STDS),
                 "steps": STEPS,
                 "dataset": dataset,
+                "setup": SETUP,
             }
             for n, a in (ARMS if not quick else ARMS[:2])  # quick: the claims' two arms only
         ]

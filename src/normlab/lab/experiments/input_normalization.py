@@ -20,7 +20,8 @@ from .convergence import PROBE_SAMPLES, quantile_drift, quantile_probe
 
 __all__ = ["InputNormalization", "distorted"]
 
-STEPS, LR, BATCH, EVAL_EVERY, PROBE_EVERY = 2000, 0.5, 60, 20, 100
+STEPS, LR, BATCH, EVAL_EVERY, PROBE_EVERY = 2000, 0.5, 60, 50, 100
+SETUP = {"lr": LR, "batch": BATCH, "eval_every": EVAL_EVERY, "probe_every": PROBE_EVERY}
 INPUTS = ("clean", "scaled", "correlated", "outliers", "shift")
 # (inputs, preprocessing) per arm; the plain network trains the first six, the BN network the rest
 PLAIN_ARMS = (
@@ -201,7 +202,13 @@ class InputNormalization(Experiment):
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         return [
-            {"network": net, "arms": [list(a) for a in arms], "seeds": seeds, "steps": STEPS}
+            {
+                "network": net,
+                "arms": [list(a) for a in arms],
+                "seeds": seeds,
+                "steps": STEPS,
+                "setup": SETUP,
+            }
             for net, arms in (("plain", PLAIN_ARMS), ("bn", BN_ARMS))
         ]
 

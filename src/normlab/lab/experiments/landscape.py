@@ -18,6 +18,7 @@ from ._common import band, fmt, grouped, md_table
 
 DEPTH, WIDTH, LR, EPOCHS, EVERY = 6, 100, 0.1, 8, 10
 STEP_SIZES = tuple(LR * f for f in (0.5, 1.0, 2.0, 4.0))
+SETUP = {"depth": DEPTH, "width": WIDTH, "lr": LR, "every": EVERY}
 
 
 def landscape_hook(
@@ -78,7 +79,10 @@ class Landscape(Experiment):
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
-        return [{"norm": norm, "seeds": seeds, "epochs": EPOCHS} for norm in ("none", "bn")]
+        return [
+            {"norm": norm, "seeds": seeds, "epochs": EPOCHS, "setup": SETUP}
+            for norm in ("none", "bn")
+        ]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

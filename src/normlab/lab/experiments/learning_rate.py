@@ -22,6 +22,7 @@ STEPS, DEPTH, WIDTH, BATCH = 400, 8, 100, 64
 RATE = 0.8  # the fraction of seeds that must train at a learning rate
 ARMS = ("none", "bn")
 LABELS = {"none": "plain", "bn": "BN"}
+SETUP = {"depth": DEPTH, "width": WIDTH, "batch": BATCH}
 
 
 def trains(record: dict[str, Any], level: float) -> bool:
@@ -79,7 +80,14 @@ class LearningRate(Experiment):
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         return [
-            {"norm": norm, "seeds": seeds, "lrs": list(LRS), "steps": STEPS, "dataset": dataset}
+            {
+                "norm": norm,
+                "seeds": seeds,
+                "lrs": list(LRS),
+                "steps": STEPS,
+                "dataset": dataset,
+                "setup": SETUP,
+            }
             for norm in ARMS
         ]
 

@@ -25,6 +25,14 @@ LR_LOW, LR_HIGH = 0.1, 0.3
 ARMS = ("plain", "bn", "noisy_bn")
 LABELS = {"plain": "plain", "bn": "BN", "noisy_bn": "BN + noise"}
 MEAN_RANGE, SCALE_RANGE, SPREAD = 0.5, (0.5, 1.5), 0.1
+SETUP = {
+    "depth": DEPTH,
+    "width": WIDTH,
+    "batch": BATCH,
+    "every": EVERY,
+    "noise": [MEAN_RANGE, *SCALE_RANGE, SPREAD],
+    "stacked_noise": 2,
+}
 
 
 def _noise(gen: torch.Generator, k: int, n: int, width: int) -> tuple[Tensor, Tensor]:
@@ -213,7 +221,8 @@ class NoisyBN(Experiment):
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         return [
-            {"arm": arm, "seeds": seeds, "lrs": [LR_LOW, LR_HIGH], "steps": STEPS} for arm in ARMS
+            {"arm": arm, "seeds": seeds, "lrs": [LR_LOW, LR_HIGH], "steps": STEPS, "setup": SETUP}
+            for arm in ARMS
         ]
 
     def run(

@@ -20,6 +20,14 @@ __all__ = ["PreciseBN", "statistics_probe"]
 
 BATCH, STEPS, EVERY, LR, MOMENTUM, EMA = 8, 300, 50, 0.05, 0.9, 0.01
 PRECISE_BATCHES, PRECISE_SIZE = 10, 32
+SETUP = {
+    "batch": BATCH,
+    "every": EVERY,
+    "lr": LR,
+    "momentum": MOMENTUM,
+    "ema": EMA,
+    "precise": [PRECISE_BATCHES, PRECISE_SIZE],
+}
 KINDS = ("ema", "precise", "population")
 LABELS = {
     "ema": "EMA running statistics",
@@ -109,7 +117,7 @@ class PreciseBN(Experiment):
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
-        return [{"seeds": seeds, "steps": STEPS}]
+        return [{"seeds": seeds, "steps": STEPS, "setup": SETUP}]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

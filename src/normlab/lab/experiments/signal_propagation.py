@@ -20,6 +20,7 @@ from ._common import grouped, md_table, members, num
 
 DEPTH, WIDTH = 5, 256
 BAND = math.log(1.25)  # [0.8, 1.25] is |log ratio| <= log 1.25
+SETUP = {"depth": DEPTH, "width": WIDTH}
 
 
 def _init(model: nn.Sequential, scheme: str, seed: int) -> None:
@@ -128,7 +129,7 @@ class SignalPropagation(Experiment):
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
-        return [{"init": init, "seeds": seeds} for init in ("standard", "glorot")]
+        return [{"init": init, "seeds": seeds, "setup": SETUP} for init in ("standard", "glorot")]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

@@ -24,6 +24,7 @@ MOMENTUM_STATS = 0.1  # α, the running averages' rate (BN and Renorm alike)
 WARMUP = round(5 / MOMENTUM_STATS)  # plain BN for 5/α steps
 D_END, R_END = 5 * WARMUP, 8 * WARMUP  # Ioffe's 25k and 40k for a 5k warm-up, scaled
 LR, MOMENTUM = 0.01, 0.9
+SETUP = {"batch": BATCH, "lr": LR, "momentum": MOMENTUM, "alpha": MOMENTUM_STATS, "warmup": WARMUP}
 LABELS = {
     "bn": "BatchNorm",
     "renorm": "Batch Renorm",
@@ -143,7 +144,10 @@ class SmallBatch(Experiment):
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         steps = QUICK_STEPS if quick else FULL_STEPS
-        return [{"method": m, "micro": b, "seeds": seeds, "steps": steps} for m, b in UNITS]
+        return [
+            {"method": m, "micro": b, "seeds": seeds, "steps": steps, "setup": SETUP}
+            for m, b in UNITS
+        ]
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False

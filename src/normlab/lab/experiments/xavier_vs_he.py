@@ -18,6 +18,7 @@ __all__ = ["ESCAPE", "XavierVsHe", "escape_step"]
 DEPTH, WIDTH, BATCH, LR, MOMENTUM, BUDGET, EVERY = 30, 64, 64, 0.003, 0.9, 3000, 20
 ESCAPE = 0.9 * math.log(10)  # training loss below 90 % of chance level (ln 10 for 10 classes)
 INITS = {"he": "He", "xavier": "Glorot"}
+SETUP = {"depth": DEPTH, "width": WIDTH, "batch": BATCH, "every": EVERY}
 
 
 def escape_step(
@@ -97,6 +98,7 @@ class XavierVsHe(Experiment):
                 "inits": list(INITS),
                 "seeds": seeds,
                 "steps": BUDGET,
+                "setup": SETUP,
             }
         ]
         if not quick:
@@ -108,6 +110,7 @@ class XavierVsHe(Experiment):
                     "inits": ["xavier"],
                     "seeds": seeds,
                     "steps": BUDGET,
+                    "setup": SETUP,
                 }
             )
         return units
