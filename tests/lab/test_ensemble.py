@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -244,6 +245,7 @@ def test_micro_batch_bn_is_ghost_bn() -> None:
     torch.testing.assert_close(ghost.running_var, micro.norm.running_var)
     assert int(micro.norm.num_batches_tracked) == 1
     torch.testing.assert_close(ghost.eval()(x), micro.eval()(x))
+    copy.deepcopy(micro.train())  # no autograd graph is kept between forwards
 
 
 def test_micro_batch_renorm_uses_the_running_statistics_before_the_step() -> None:

@@ -144,6 +144,8 @@ class MicroBatch(nn.Module):
             for name, b, per_channel in buffers:
                 src = getattr(wide, name)
                 b.copy_(src.view(groups, c).mean(0) if per_channel else src)
+        for name, _ in norm.named_parameters(recurse=False):
+            setattr(wide, name, None)  # hold no graph between steps (and stay deep-copyable)
         return y.view(self.size, groups, c).transpose(0, 1).reshape(n, c)
 
 
