@@ -31,8 +31,8 @@ class BNPlacement(Experiment):
         "Ioffe & Szegedy add BN 'immediately before the nonlinearity', arguing the pre-activation is 'more likely "
         "to have a symmetric, non-sparse distribution'; they give no ablation of the other order."
     )
-    minutes_quick = 0.1
-    minutes_full = 0.15
+    minutes_quick = 0.06
+    minutes_full = 0.13
     claims = ()
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:

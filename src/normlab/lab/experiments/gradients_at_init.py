@@ -111,8 +111,8 @@ class GradientsAtInit(Experiment):
         "magnitude larger than the last layers' and only very small learning rates decrease the loss; with BN "
         "the gradient norms are similar across layers and far larger steps are possible."
     )
-    minutes_quick = 0.05
-    minutes_full = 0.1
+    minutes_quick = 0.2
+    minutes_full = 0.3
     claims = (
         Claim(
             "alpha_ratio",

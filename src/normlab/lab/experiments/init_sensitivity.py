@@ -57,8 +57,8 @@ class InitSensitivity(Experiment):
         "Bjorck et al. 2018: unnormalized deep networks need carefully scaled initializations, while BN "
         "networks train across scales."
     )
-    minutes_quick = 0.5
-    minutes_full = 1.5
+    minutes_quick = 0.9
+    minutes_full = 4.3
     claims = (
         Claim(
             "count_ratio",

@@ -135,8 +135,8 @@ class InputNormalization(Experiment):
         "whitening only the inputs leaves the internal layers' distributions changing; BN normalizes "
         "every layer."
     )
-    minutes_quick = 0.5
-    minutes_full = 1.0
+    minutes_quick = 0.9
+    minutes_full = 1.3
     claims = (
         Claim(
             "standardizing_helps",

@@ -63,8 +63,8 @@ class Landscape(Experiment):
         "change of the gradient and the effective β-smoothness are all markedly smaller throughout training, "
         "most visibly early on."
     )
-    minutes_quick = 0.3
-    minutes_full = 0.5
+    minutes_quick = 0.1
+    minutes_full = 0.15
     claims = (
         Claim(
             "beta_ratio",

@@ -62,8 +62,8 @@ class LearningRate(Experiment):
         "model parameters to reach machine infinity' at 5×: BN's largest trainable rate is > 30/5 = 6× the "
         "baseline's."
     )
-    minutes_quick = 0.5
-    minutes_full = 1.0
+    minutes_quick = 1.3
+    minutes_full = 2.3
     claims = (
         Claim(
             "max_lr_ratio",

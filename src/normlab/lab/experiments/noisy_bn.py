@@ -173,8 +173,8 @@ class NoisyBN(Experiment):
         "standard BN's and both beat the unnormalized network, although the noisy network's activation "
         "histograms are far less stable (no numbers given)."
     )
-    minutes_quick = 0.4
-    minutes_full = 0.8
+    minutes_quick = 0.7
+    minutes_full = 1.1
     claims = (
         Claim(
             "noisy_matches_bn",

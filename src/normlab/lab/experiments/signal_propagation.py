@@ -81,8 +81,8 @@ class SignalPropagation(Experiment):
         "normalized init they keep their spread; (Fig. 7) back-propagated gradients get smaller toward the "
         "input with the standard init and stay similar with normalized init."
     )
-    minutes_quick = 0.05
-    minutes_full = 0.05
+    minutes_quick = 0.01
+    minutes_full = 0.01
     claims = (
         Claim(
             "glorot_activation_band",

@@ -55,8 +55,8 @@ class XavierVsHe(Experiment):
         "'completely stalls' and does not learn within the plotted epochs; at 22 layers both converge, "
         "theirs earlier."
     )
-    minutes_quick = 0.7
-    minutes_full = 1.5
+    minutes_quick = 0.9
+    minutes_full = 2.7
     claims = (
         Claim(
             "escape_ratio",
