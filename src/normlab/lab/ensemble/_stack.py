@@ -20,7 +20,9 @@ Measured on 2 shared cores (one thread, K=18 members of 8×100 ReLU, batch 64): 
 each Linear weight transposed, ``(K, in, out)``, makes a training step 1.3× faster than
 ``(K, out, in)`` (no transposed copy per step); batch norm runs as one normlab layer over
 ``K·C`` channels on the ``(N, K·C)`` view; LayerNorm/GroupNorm run as torch's
-``F.layer_norm``/``F.group_norm`` without affine, then the per-member affine.
+``F.layer_norm``/``F.group_norm`` without affine, then the per-member affine — forward and
+backward 2.3–2.9× faster than the hand-written ``var_mean`` version they replace at K=5, N=32,
+C=100, and 2.4–5.6× at K=65, N=64 (one thread, nearly idle machine; outputs equal to 7e-7).
 """
 
 from __future__ import annotations
