@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lab.data import load_dataset
-from ..lab.ensemble import EnsembleMLP, StackedOptimizer, ensemble_step
+from ..lab.ensemble import Ensemble, TrainConfig, make_optimizer, train_step
 from ..lab.models import mlp
 from ._core import BenchOptions, Case
 
@@ -26,12 +26,12 @@ def ensemble_cases(options: BenchOptions) -> list[Case]:
             for s in range(k)
         ]
         opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-        ens = EnsembleMLP(models).train()
-        opt = StackedOptimizer(list(ens.parameters()), k, "sgd", 0.9)
+        ens = Ensemble(models).train()
+        opt = make_optimizer(ens, TrainConfig(lr=0.05, momentum=0.9))
         g = torch.Generator().manual_seed(0)
         idx = torch.randint(0, len(data.y_train), (k, 64), generator=g)
         x, y = data.x_train[idx], data.y_train[idx]  # (K, 64, F), (K, 64)
-        lr, active = torch.full((k,), 0.05), torch.ones(k, dtype=torch.bool)
+        scale = torch.full((k,), 0.05)
 
         def sequential(models=models, opts=opts, x=x, y=y) -> None:
             for i, (model, o) in enumerate(zip(models, opts)):
@@ -40,8 +40,8 @@ def ensemble_cases(options: BenchOptions) -> list[Case]:
                 loss.backward()
                 o.step()
 
-        def batched(ens=ens, opt=opt, x=x, y=y, lr=lr, active=active) -> None:
-            ensemble_step(ens, opt, x, y, lr, active)
+        def batched(ens=ens, opt=opt, x=x, y=y, scale=scale) -> None:
+            train_step(ens, opt, x, y, scale)
 
         label = f"K={k} MLP 3x100{'+BN' if norm == 'bn' else ''}, batch 64"
         cases.append(

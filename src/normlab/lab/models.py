@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import init as ni
 from .. import nn as nlnn
+from .ensemble import StackedBatchNorm, channel_concat
 
 __all__ = [
     "ACTIVATIONS",
     "INITS",
     "NORMS",
+    "MicroBatch",
     "SmallCNN",
     "activation_module",
     "init_linear_",
@@ -48,20 +51,102 @@ def norm_layer(norm: str, width: int, **kwargs: Any) -> nn.Module:
     """The normalization layer ``norm`` over ``width`` features (``"bn"`` and ``"bn_after"`` are the same layer)."""
     if norm in ("bn", "bn_after"):
         return nlnn.BatchNorm1d(width, **kwargs)
-    if norm in ("renorm", "ghost"):
-        name = "BatchRenorm1d" if norm == "renorm" else "GhostBatchNorm1d"
-        cls = getattr(nlnn, name, None)
-        if cls is None:
-            raise RuntimeError(
-                f"norm={norm!r} needs normlab.nn.{name}, which this installation lacks"
-            )
-        return cls(width, **kwargs)
+    if norm == "renorm":
+        return nlnn.BatchRenorm1d(width, **kwargs)
+    if norm == "ghost":
+        return nlnn.GhostBatchNorm1d(width, **kwargs)
     if norm == "layer":
         return nn.LayerNorm(width, **kwargs)
     if norm == "group":
         groups = kwargs.pop("num_groups", 8 if width % 8 == 0 else 1)
         return nn.GroupNorm(groups, width, **kwargs)
     raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+
+
+class MicroBatch(nn.Module):
+    """A batch-norm-family layer applied to micro-batches of ``size`` samples (Ioffe 2017, §4.2).
+
+    In training, a batch of ``N = G·size`` samples ``(N, C)`` is split into ``G`` contiguous
+    micro-batches, each normalized with its own statistics (Batch Renorm: corrected toward the
+    running statistics as they were before this step). The running statistics move once per
+    forward toward the mean over micro-batches of their means and unbiased variances — as
+    synchronous workers averaging their updates, and as :class:`normlab.nn.GhostBatchNorm1d`
+    (which equals ``MicroBatch(BatchNorm1d(C), size)``; tested). Eval mode, and batches of at most
+    ``size`` samples, are the layer itself.
+
+    The ``G`` micro-batches run as one call of the layer over ``G·C`` channels
+    (:func:`normlab.lab.ensemble.channel_concat`), with the layer's own parameters repeated
+    (so their gradients are the sums over micro-batches).
+    """
+
+    def __init__(self, norm: _BatchNorm, size: int) -> None:
+        super().__init__()
+        if not isinstance(norm, _BatchNorm):
+            raise TypeError(f"MicroBatch wraps a batch-norm layer, got {type(norm).__name__}")
+        if size < 2:
+            raise ValueError(f"micro-batch size must be >= 2, got {size}")
+        self.norm, self.size = norm, size
+        self._wide: dict[int, _BatchNorm] = {}  # per number of micro-batches; not submodules
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+    @classmethod
+    def stack(cls, layers: Sequence[MicroBatch]) -> StackedBatchNorm:
+        """The ensemble form: the members' layers over ``K·C`` channels, micro-batched."""
+        size = layers[0].size
+        if any(m.size != size for m in layers):
+            raise ValueError("stacked MicroBatch layers need one micro-batch size")
+
+        def unwrap(target: nn.Module) -> _BatchNorm:
+            assert isinstance(target, MicroBatch)
+            return target.norm
+
+        return StackedBatchNorm(
+            [m.norm for m in layers], wrap=lambda n: cls(n, size), unwrap=unwrap
+        )
+
+    def _wide_layer(self, groups: int) -> _BatchNorm:
+        """The layer over ``groups·C`` channels; its parameters are set from ``norm``'s each forward."""
+        wide = self._wide.get(groups)
+        if wide is None:
+            wide = channel_concat([self.norm] * groups)
+            for name, _ in list(wide.named_parameters(recurse=False)):
+                delattr(wide, name)  # a plain attribute from now on: the repeat of norm's parameter
+                setattr(wide, name, None)
+            self._wide[groups] = wide
+        return wide
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C)
+        n, c = x.shape
+        if not self.training or n <= self.size:
+            return self.norm(x)
+        groups, rest = divmod(n, self.size)
+        if rest:
+            raise ValueError(
+                f"a batch of {n} samples is not a whole number of micro-batches of {self.size}"
+            )
+        norm, wide = self.norm, self._wide_layer(groups)
+        buffers = [
+            (name, b, b.dim() == 1 and b.numel() == c)
+            for name, b in norm.named_buffers(recurse=False)
+            if b is not None
+        ]
+        with torch.no_grad():
+            for name, b, per_channel in buffers:
+                getattr(wide, name).copy_(b.repeat(groups) if per_channel else b)
+        for name, p in norm.named_parameters(recurse=False):
+            setattr(wide, name, p.repeat(groups))  # gradients flow back to norm's parameter
+        wide.train()
+        chunks = x.view(groups, self.size, c).transpose(0, 1).reshape(self.size, groups * c)
+        y = wide(chunks)  # (size, G·C)
+        with torch.no_grad():
+            for name, b, per_channel in buffers:
+                src = getattr(wide, name)
+                b.copy_(src.view(groups, c).mean(0) if per_channel else src)
+        for name, _ in norm.named_parameters(recurse=False):
+            setattr(wide, name, None)  # hold no graph between steps (and stay deep-copyable)
+        return y.view(self.size, groups, c).transpose(0, 1).reshape(n, c)
 
 
 def _gain(activation: str) -> float:
@@ -119,13 +204,15 @@ def mlp(
     init: str | float = "torch",
     seed: int = 0,
     norm_kwargs: dict[str, Any] | None = None,
+    micro_batch: int | None = None,
 ) -> nn.Sequential:
     """An MLP with ``depth`` hidden layers of ``width`` units.
 
     Per hidden layer: ``Linear → norm → activation`` (the Linear has no bias when a
     norm follows it directly), or ``Linear → activation → BatchNorm`` for
     ``norm="bn_after"``. The output layer is a plain ``Linear``. ``seed`` fixes the
-    initialization (the global RNG is left untouched).
+    initialization (the global RNG is left untouched). ``micro_batch`` wraps every
+    batch-norm layer in :class:`MicroBatch` (per-sample norms ignore it).
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
@@ -136,14 +223,21 @@ def mlp(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         fan_in = in_features
+
+        def make_norm() -> nn.Module:
+            layer = norm_layer(norm, width, **(norm_kwargs or {}))
+            if micro_batch is not None and isinstance(layer, _BatchNorm):
+                return MicroBatch(layer, micro_batch)
+            return layer
+
         for _ in range(depth):
             layers.append(nn.Linear(fan_in, width, bias=norm in ("none", "bn_after")))
             if norm in ("none", "bn_after"):
                 layers.append(activation_module(activation))
                 if norm == "bn_after":
-                    layers.append(norm_layer(norm, width, **(norm_kwargs or {})))
+                    layers.append(make_norm())
             else:
-                layers.append(norm_layer(norm, width, **(norm_kwargs or {})))
+                layers.append(make_norm())
                 layers.append(activation_module(activation))
             fan_in = width
         layers.append(nn.Linear(fan_in, num_classes))

@@ -1,123 +1,118 @@
-"""small_batch: the claims' arithmetic on hand-made accuracies, Renorm's ramp, a missing variant, a smoke run."""
+"""small_batch: the claims' arithmetic on hand-made accuracies, Renorm's schedule in steps, micro-batches."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
+from torch import nn
 
-import normlab.nn
 from normlab.lab.data import Dataset
 from normlab.lab.experiments import REGISTRY, Results
-from normlab.lab.experiments.small_batch import BATCHES, METHODS, _norm_kwargs, ramp, unavailable
+from normlab.lab.experiments.small_batch import (
+    BATCH,
+    D_END,
+    MICRO,
+    MOMENTUM_STATS,
+    R_END,
+    UNITS,
+    WARMUP,
+    renorm_schedule,
+)
+from normlab.lab.models import MicroBatch
 
 EXP = REGISTRY["small_batch"]
 
 
-def _results(acc: dict[tuple[str, int], list[float]]) -> Results:
-    """Units as the runner hands them to evaluate(): one per (method, batch), members per seed."""
+def _results(acc: dict[tuple[str, int], list[float | None]]) -> Results:
+    """Units as the runner hands them to evaluate(): one per (method, micro-batch), members per seed."""
     out: Results = []
-    for (method, batch), values in acc.items():
-        cfg: dict[str, Any] = {"method": method, "batch": batch, "seeds": list(range(len(values)))}
+    for (method, micro), values in acc.items():
+        cfg: dict[str, Any] = {"method": method, "micro": micro, "seeds": list(range(len(values)))}
         out.append(
             (cfg, {"members": [{"seed": i, "final_test_acc": v} for i, v in enumerate(values)]})
         )
     return out
 
 
-def _acc(**override: list[float]) -> dict[tuple[str, int], list[float]]:
-    acc = {(m, b): [0.95, 0.95, 0.95] for m in METHODS for b in BATCHES}
+def _acc(**override: list[float | None]) -> dict[tuple[str, int], list[float | None]]:
+    acc: dict[tuple[str, int], list[float | None]] = {u: [0.95] * 5 for u in UNITS}
     for key, values in override.items():
-        method, batch = key.rsplit("_", 1)
-        acc[(method, int(batch))] = values
+        method, micro = key.rsplit("_", 1)
+        acc[(method, int(micro))] = values
     return acc
 
 
-def _claims(acc: dict[tuple[str, int], list[float]]) -> dict[str, Any]:
+def _claims(acc: dict[tuple[str, int], list[float | None]]) -> dict[str, Any]:
     return {c.claim.name: c for c in EXP.evaluate(_results(acc), dataset="digits")}
 
 
-def test_claims_are_per_seed_differences_and_the_layernorm_spread_of_means() -> None:
-    acc = _acc(
-        bn_2=[0.30, 0.40, 0.20],
-        bn_32=[0.90, 0.95, 1.00],
-        renorm_2=[0.60, 0.60, 0.50],
-        layer_2=[0.90, 0.92, 0.94],  # mean 0.92; the other batch sizes 0.95
+def test_claims_are_paired_differences_and_a_paired_ratio_of_means() -> None:
+    claims = _claims(
+        _acc(
+            bn_2=[0.60, 0.62, 0.58, 0.61, 0.59],
+            bn_32=[0.95, 0.96, 0.94, 0.95, 0.95],
+            renorm_2=[0.85, 0.86, 0.82, 0.84, 0.83],
+        )
     )
-    claims = _claims(acc)
-    assert claims["bn_drop"].values == pytest.approx([0.60, 0.55, 0.80])
-    assert claims["renorm_gain"].values == pytest.approx([0.30, 0.20, 0.30])
-    assert claims["layernorm_spread"].mean == pytest.approx(0.03)
-    assert all(c.passed for c in claims.values())
-
-
-def test_claims_fail_on_the_wrong_side_of_their_thresholds() -> None:
-    acc = _acc(
-        bn_2=[0.70, 0.70, 0.70],  # drop 0.25 < 0.30
-        renorm_2=[0.85, 0.85, 0.85],  # gain 0.15 < 0.20
-        layer_8=[0.85, 0.85, 0.85],  # spread 0.10 > 0.06
+    assert claims["bn_drop"].values == pytest.approx([0.35, 0.34, 0.36, 0.34, 0.36])
+    assert claims["bn_drop"].verdict == "confirmed"
+    # (mean(Renorm₂ − BN₂) / mean(BN₃₂ − BN₂)) = 0.24 / 0.35
+    assert claims["renorm_recovery"].estimate == pytest.approx(0.24 / 0.35)
+    assert (
+        claims["renorm_recovery"].verdict == "confirmed"
+        and "bootstrap" in claims["renorm_recovery"].method
     )
-    claims = _claims(acc)
-    assert claims["bn_drop"].mean == pytest.approx(0.25) and not claims["bn_drop"].passed
-    assert claims["renorm_gain"].mean == pytest.approx(0.15) and not claims["renorm_gain"].passed
-    assert not claims["layernorm_spread"].passed
+    assert claims["layernorm_flat"].verdict == "confirmed"
+    assert claims["layernorm_flat"].claim.kind == claims["groupnorm_flat"].claim.kind == "sanity"
 
 
-def test_a_diverged_seed_fails_the_claim_it_enters() -> None:
-    claims = _claims(_acc(bn_2=[0.2, float("nan"), 0.2], bn_32=[0.95] * 3))
-    assert not claims["bn_drop"].passed and not claims["renorm_gain"].passed
-    # as stored: a diverged member's accuracy is JSON null (this crashed a full run once)
-    claims = _claims(_acc(renorm_2=[0.7, None, 0.7], bn_2=[0.2] * 3))  # type: ignore[list-item]
-    assert claims["bn_drop"].passed and not claims["renorm_gain"].passed
-    assert "diverged" in EXP.table(_results(_acc(renorm_2=[0.7, None, 0.7])))  # type: ignore[list-item]
+def test_a_failed_recovery_is_refuted_and_a_diverged_seed_inconclusive() -> None:
+    worse = _claims(_acc(bn_2=[0.6] * 5, renorm_2=[0.62, 0.61, 0.63, 0.6, 0.62]))
+    assert worse["renorm_recovery"].verdict == "refuted"
+    diverged = _claims(_acc(bn_2=[0.6] * 5, renorm_2=[0.9, None, 0.9, 0.9, 0.9]))
+    assert diverged["renorm_recovery"].verdict == "inconclusive"
+    assert "1 of 5 seeds have no value" in EXP.table(
+        _results(_acc(renorm_2=[0.9, None, 0.9, 0.9, 0.9]))
+    )
+    flat = _claims(_acc(layer_2=[0.90] * 5))  # LayerNorm not flat: the sanity check catches it
+    assert flat["layernorm_flat"].verdict == "refuted"
 
 
-def test_renorm_ramp_is_plain_bn_then_linear_to_its_limit() -> None:
-    r_max = ramp(200, 3.0, 1.0)  # plain for 10 steps (5 %), then 20 steps (10 %) of ramp
-    assert [r_max(t) for t in (0, 10, 20, 30, 1000)] == pytest.approx([1, 1, 2, 3, 3])
-    kwargs = _norm_kwargs("renorm", 200)
-    assert kwargs["momentum"] == 0.01 and kwargs["d_max"](0) == 0.0 and kwargs["d_max"](30) == 5.0
-    assert _norm_kwargs("renorm_m0.1", 200)["momentum"] == 0.1
-    assert _norm_kwargs("bn", 200) == {"momentum": 0.01}
+def test_renorm_schedule_is_in_steps_with_a_warmup_of_five_time_constants() -> None:
+    r_max, d_max = renorm_schedule()
+    assert round(5 / MOMENTUM_STATS) == WARMUP
+    assert (r_max(0), d_max(0), r_max(WARMUP), d_max(WARMUP)) == (1.0, 0.0, 1.0, 0.0)
+    assert d_max(D_END) == pytest.approx(5.0) and r_max(R_END) == pytest.approx(3.0)
+    assert r_max(10 * R_END) == 3.0 and 0.0 < d_max((WARMUP + D_END) // 2) < 5.0
+    # Ioffe's proportions: d_max ends at 5× and r_max at 8× the warm-up (25k and 40k after 5k)
+    assert (D_END, R_END) == (5 * WARMUP, 8 * WARMUP)
 
 
-def test_a_missing_variant_is_recorded_not_fatal(
-    monkeypatch: pytest.MonkeyPatch, synthetic: Dataset, capped_training: None, tmp_path: Path
+def test_units_normalize_micro_batches_at_a_fixed_gradient_batch(
+    synthetic: Dataset, capped_training: None
 ) -> None:
-    monkeypatch.delattr(normlab.nn, "BatchRenorm1d")
-    assert unavailable("renorm") == "normlab.nn.BatchRenorm1d is not available in this installation"
-    assert unavailable("renorm_m0.1") is not None and unavailable("bn") is None
-    cfg = {"method": "renorm", "batch": 2, "seeds": [0], "epochs": 1}
-    metrics = EXP.run(cfg, synthetic)
-    assert metrics == {"members": [], "unavailable": unavailable("renorm")}
-    acc = _acc()
-    del acc[("renorm", 2)]
-    results = [*_results(acc), (cfg, metrics)]
-    claims = {c.claim.name: c for c in EXP.evaluate(results, dataset="digits")}
-    assert not claims["renorm_gain"].passed and claims["bn_drop"].values  # the rest still measured
-    assert "unavailable (normlab.nn.BatchRenorm1d" in EXP.table(results)
-    assert EXP.plot(results, tmp_path)[0].exists()
-
-
-def test_quick_run_end_to_end_on_synthetic(
-    synthetic: Dataset, capped_training: None, tmp_path: Path
-) -> None:
-    configs = EXP.configs(quick=True, seeds=[0, 1, 2], dataset="synthetic")
-    assert {(c["method"], c["batch"]) for c in configs} >= {
-        (m, b) for m in METHODS for b in BATCHES
-    }
-    assert all(c["seeds"] == [0, 1, 2] for c in configs)
+    configs = EXP.configs(quick=True, seeds=[0, 1], dataset="synthetic")
+    assert {(c["method"], c["micro"]) for c in configs} == set(UNITS)
+    assert {c["micro"] for c in configs if c["method"] == "bn"} == set(MICRO)
+    full = EXP.configs(quick=False, seeds=[0], dataset="synthetic")
+    assert full[0]["steps"] > configs[0]["steps"]
     results = [(cfg, EXP.run(cfg, synthetic)) for cfg in configs]
     claims = EXP.evaluate(results, dataset="synthetic")
-    assert [c.claim.name for c in claims] == ["bn_drop", "renorm_gain", "layernorm_spread"]
-    assert all(len(c.values) == 3 for c in claims[:2])
-    assert "Batch Renorm's gain over BN at batch 2" in EXP.table(results)
-    (png,) = EXP.plot(results, tmp_path)
-    assert png.suffix == ".png" and png.stat().st_size > 5000
+    assert [c.claim.name for c in claims] == [c.name for c in EXP.claims]
+    # per-sample norms ignore the micro-batch: identical results at 2 and 32
+    by = {(c["method"], c["micro"]): m["members"] for c, m in results}
+    assert [m["final_test_acc"] for m in by[("layer", 2)]] == [
+        m["final_test_acc"] for m in by[("layer", BATCH)]
+    ]
+    assert "micro-batch 2" in EXP.table(results)
 
 
-def test_full_runs_use_the_issue_setup() -> None:
-    configs = EXP.configs(quick=False, seeds=[0, 1, 2, 3, 4], dataset="digits")
-    assert {c["epochs"] for c in configs} == {20}
-    assert ("renorm_m0.1", 2) in {(c["method"], c["batch"]) for c in configs}
+def test_the_bn_model_wraps_every_norm_in_micro_batches() -> None:
+    from normlab.lab.models import mlp
+
+    model = mlp(8, 3, 16, 3, norm="renorm", micro_batch=4)
+    wrapped = [m for m in model if isinstance(m, MicroBatch)]
+    assert len(wrapped) == 3 and all(m.size == 4 for m in wrapped)
+    assert not any(isinstance(m, MicroBatch) for m in mlp(8, 3, 16, 3, norm="layer", micro_batch=4))
+    assert isinstance(mlp(8, 1, 16, 3, norm="group", micro_batch=4)[1], nn.GroupNorm)

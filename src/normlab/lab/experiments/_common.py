@@ -1,8 +1,9 @@
-"""Helpers shared by the experiments: grouping results, mean ± std, bands, tables, activation stats."""
+"""Helpers shared by the experiments: grouping results, number formatting, tables, curves, activation stats."""
 
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -12,8 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import mean_std
-
 __all__ = [
     "activation_stats",
     "band",
@@ -21,7 +20,7 @@ __all__ = [
     "grouped",
     "md_table",
     "members",
-    "nanmean",
+    "num",
 ]
 
 
@@ -46,21 +45,38 @@ def grouped(
     return dict(groups)
 
 
-def nanmean(values: Sequence[float | None]) -> float:
-    """Plain mean (NaN if any value is missing or there are none)."""
-    vals = [float("nan") if v is None else float(v) for v in values]
-    return float(np.mean(vals)) if vals else float("nan")
+def num(x: float | None) -> str:
+    """One number, formatted the same way everywhere in the lab: three significant digits
+    (``0.953``, ``12.3``, ``1.00``), thousands as integers (``1,600``), tiny or huge values
+    in scientific notation; ``n/a`` for a missing value, ``∞`` for an infinite one."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    x = float(x)
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    ax = abs(x)
+    if ax == 0:
+        return "0"
+    if ax >= 1000:
+        return f"{x:,.0f}" if ax < 1e7 else f"{x:.2e}"
+    if ax < 1e-3:
+        return f"{x:.2e}"
+    text = f"{x:#.3g}"
+    return text[:-1] if text.endswith(".") else text
 
 
-def fmt(values: Sequence[float | None], digits: int = 3) -> str:
-    """``mean ± std`` over the seeds that have a value; missing ones (diverged runs) are counted."""
+def fmt(values: Sequence[float | None]) -> str:
+    """``mean ± sd (n=…)`` over the seeds that have a value; one seed shows its value alone;
+    missing ones (diverged runs) are counted."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     missing = len(values) - len(vals)
     if not vals:
-        return "n/a (diverged)"
-    mean, std = mean_std(vals)
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return text + (f" ({missing} of {len(values)} seeds diverged)" if missing else "")
+        return "n/a (no seed has a value)"
+    if len(vals) == 1:
+        text = f"{num(vals[0])} (one seed)"
+    else:
+        text = f"{num(statistics.fmean(vals))} ± {num(statistics.stdev(vals))}"
+    return text + (f" ({missing} of {len(values)} seeds have no value)" if missing else "")
 
 
 def md_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -77,8 +93,8 @@ def band(
     label: str,
     color: str | None = None,
 ) -> None:
-    """Mean curve with a ±1 std band over seeds (NaN-aware; a curve that stopped early — a diverged run —
-    is padded with NaN)."""
+    """Every seed's curve (thin) and their mean (thick); a curve that stopped early (a diverged
+    run) is padded with NaN."""
     width = max((len(c) for c in curves), default=0)
     arr = np.full((len(curves), width), np.nan)
     for i, c in enumerate(curves):
@@ -86,9 +102,12 @@ def band(
     n = min(len(x), width)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after every seed diverged
-        mean, std = np.nanmean(arr[:, :n], axis=0), np.nanstd(arr[:, :n], axis=0)
-    line = ax.plot(x[:n], mean, label=label, color=color)[0]
-    ax.fill_between(x[:n], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        mean = np.nanmean(arr[:, :n], axis=0)
+    line = ax.plot(x[:n], mean, label=f"{label} (mean of {len(curves)} seeds)", color=color, lw=2)[
+        0
+    ]
+    for row in arr:
+        ax.plot(x[:n], row[:n], color=line.get_color(), lw=0.6, alpha=0.35)
 
 
 @torch.no_grad()

@@ -1,0 +1,327 @@
+"""Stacking: K models of one architecture as one module over ``(K, N, C)`` tensors.
+
+Member ``k`` of every stacked tensor is row ``k``: activations are ``(K, N, C)``
+(one batch per member) and every stacked parameter is *member-major*
+(``p.view(K, -1)[k]`` is member ``k``'s), so an elementwise optimizer or a
+per-member gradient scale acts on each member separately.
+
+A layer kind opts into stacking explicitly — nothing is deep-copied and hoped to
+work:
+
+* a stacker registered for its type with :func:`register_stacker` (Linear, every
+  ``torch.nn`` batch norm and hence every normlab one, LayerNorm, GroupNorm), or
+* a ``stack(layers)`` classmethod on the layer's class (the lab's own stateful
+  layers, e.g. :class:`normlab.lab.models.MicroBatch`), or
+* an elementwise activation without parameters (:data:`SHARED`), shared by all members.
+
+Anything else raises ``TypeError`` naming the layer.
+
+Measured on 2 shared cores (one thread, K=18 members of 8×100 ReLU, batch 64): storing
+each Linear weight transposed, ``(K, in, out)``, makes a training step 1.3× faster than
+``(K, out, in)`` (no transposed copy per step); batch norm runs as one normlab layer over
+``K·C`` channels on the ``(N, K·C)`` view; LayerNorm/GroupNorm run as torch's
+``F.layer_norm``/``F.group_norm`` without affine, then the per-member affine — forward and
+backward 2.3–2.9× faster than the hand-written ``var_mean`` version they replace at K=5, N=32,
+C=100, and 2.4–5.6× at K=65, N=64 (one thread, nearly idle machine; outputs equal to 7e-7).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "SHARED",
+    "Ensemble",
+    "StackedBatchNorm",
+    "StackedGroupNorm",
+    "StackedLayer",
+    "StackedLayerNorm",
+    "StackedLinear",
+    "channel_concat",
+    "register_stacker",
+    "stack_layers",
+]
+
+Stacker = Callable[[Sequence[Any]], "StackedLayer"]
+_STACKERS: dict[type, Stacker] = {}
+
+#: Elementwise activations without parameters or state: one instance serves every member.
+SHARED: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.SELU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Identity,
+)
+
+
+class StackedLayer(nn.Module):
+    """K layers as one: ``(K, N, C_in) → (K, N, C_out)``; :meth:`unstack` writes member ``k`` back."""
+
+    def unstack(self, k: int, target: nn.Module) -> None:
+        """Copy member ``k``'s parameters and buffers into ``target`` (a layer like the originals)."""
+
+
+def register_stacker(*types: type) -> Callable[[Stacker], Stacker]:
+    """Register ``stacker(layers) -> StackedLayer`` for layers of ``types`` (and their subclasses)."""
+
+    def deco(stacker: Stacker) -> Stacker:
+        for t in types:
+            _STACKERS[t] = stacker
+        return stacker
+
+    return deco
+
+
+def stack_layers(layers: Sequence[nn.Module]) -> nn.Module:
+    """The stacked form of ``layers`` (one per member, same type), by the rules in the module docstring."""
+    first = layers[0]
+    own = getattr(type(first), "stack", None)
+    if callable(own):
+        return own(layers)
+    for cls in type(first).__mro__:
+        if cls in _STACKERS:
+            return _STACKERS[cls](layers)
+    if isinstance(first, SHARED):
+        return first
+    raise TypeError(
+        f"cannot stack {type(first).__name__} layers: register a stacker for the type with "
+        "normlab.lab.ensemble.register_stacker, or give the class a `stack(layers)` classmethod"
+    )
+
+
+@register_stacker(nn.Linear)
+class StackedLinear(StackedLayer):
+    """K Linear layers: ``weight`` ``(K, in, out)`` (each member's weight transposed), ``bias`` ``(K, out)``."""
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.stack([m.weight.detach().t() for m in layers]).contiguous()
+        )
+        self.bias = (
+            nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+            if layers[0].bias is not None
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, in) -> (K, N, out)
+        if self.bias is None:
+            return torch.bmm(x, self.weight)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    @torch.no_grad()
+    def unstack(self, k: int, target: nn.Module) -> None:
+        assert isinstance(target, nn.Linear)
+        target.weight.copy_(self.weight[k].t())
+        if self.bias is not None and target.bias is not None:
+            target.bias.copy_(self.bias[k])
+
+
+def channel_concat(layers: Sequence[_BatchNorm]) -> _BatchNorm:
+    """One batch-norm layer of ``layers[0]``'s class and options over all their channels.
+
+    Its per-channel parameters and buffers (``C`` values each) are the layers' concatenated
+    (layer ``i`` owns channels ``i·C … (i+1)·C − 1``); scalar buffers such as
+    ``num_batches_tracked`` are the first layer's. Column ``i·C + c`` of an ``(N, len·C)``
+    input sees only its own batch, so channel block ``i`` *is* layer ``i``.
+    """
+    first = layers[0]
+    c = int(first.num_features)
+    wide: Any = copy.deepcopy(first)
+    wide.num_features = c * len(layers)
+    with torch.no_grad():
+        for name, _ in first.named_parameters(recurse=False):
+            cat = torch.cat([getattr(m, name).detach() for m in layers])
+            setattr(wide, name, nn.Parameter(cat))
+        for name, b in first.named_buffers(recurse=False):
+            if b is not None and b.dim() == 1 and b.numel() == c:
+                wide.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+    return wide
+
+
+@register_stacker(_BatchNorm)
+class StackedBatchNorm(StackedLayer):
+    """K batch-norm layers (torch's, normlab's, any variant) as one over ``K·C`` channels.
+
+    ``wrap`` (optional) wraps that layer, e.g. to normalize micro-batches
+    (:class:`normlab.lab.models.MicroBatch`); ``norm`` stays the ``K·C`` layer.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[_BatchNorm],
+        wrap: Callable[[_BatchNorm], nn.Module] | None = None,
+        unwrap: Callable[[nn.Module], _BatchNorm] | None = None,
+    ) -> None:
+        super().__init__()
+        self.k, self.c = len(layers), int(layers[0].num_features)
+        self.norm = channel_concat(layers)
+        if hasattr(self.norm, "nonfinite"):  # a diverged member must not stop the others' updates
+            setattr(self.norm, "nonfinite", "propagate")  # noqa: B010
+        self.body = wrap(self.norm) if wrap is not None else self.norm
+        self._unwrap = unwrap
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
+        k, n, c = x.shape
+        flat = x.transpose(0, 1).reshape(n, k * c)  # (N, K·C)
+        return self.body(flat).view(n, k, c).transpose(0, 1)
+
+    @torch.no_grad()
+    def unstack(self, k: int, target: nn.Module) -> None:
+        bn = self._unwrap(target) if self._unwrap is not None else target
+        sl = slice(k * self.c, (k + 1) * self.c)
+        for name, p in bn.named_parameters(recurse=False):
+            p.copy_(getattr(self.norm, name)[sl])
+        for name, b in bn.named_buffers(recurse=False):
+            src = getattr(self.norm, name)
+            if b is not None and src is not None:
+                b.copy_(src[sl] if src.dim() == 1 and src.numel() == self.k * self.c else src)
+
+
+class _StackedAffine(StackedLayer):
+    """Per-member elementwise affine ``(K, C)`` after a per-sample normalization."""
+
+    def __init__(self, layers: Sequence[nn.LayerNorm | nn.GroupNorm]) -> None:
+        super().__init__()
+        first = layers[0]
+        self.eps = first.eps
+        self.weight = (
+            nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+            if first.weight is not None
+            else None
+        )
+        self.bias = (
+            nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+            if first.bias is not None
+            else None
+        )
+
+    def _affine(self, y: Tensor) -> Tensor:  # (K, N, C)
+        if self.weight is not None:
+            y = y * self.weight.unsqueeze(1)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y
+
+    @torch.no_grad()
+    def unstack(self, k: int, target: nn.Module) -> None:
+        if self.weight is not None:
+            target.weight.copy_(self.weight[k])  # type: ignore[operator]
+        if self.bias is not None:
+            target.bias.copy_(self.bias[k])  # type: ignore[operator]
+
+
+@register_stacker(nn.LayerNorm)
+class StackedLayerNorm(_StackedAffine):
+    """K LayerNorms over the last axis: torch's ``F.layer_norm`` (no affine), then each member's affine."""
+
+    def __init__(self, layers: Sequence[nn.LayerNorm]) -> None:
+        if len(layers[0].normalized_shape) != 1:
+            raise TypeError("StackedLayerNorm stacks LayerNorms over the last axis only")
+        super().__init__(layers)
+        self.shape = tuple(layers[0].normalized_shape)
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
+        return self._affine(F.layer_norm(x, self.shape, None, None, self.eps))
+
+
+@register_stacker(nn.GroupNorm)
+class StackedGroupNorm(_StackedAffine):
+    """K GroupNorms on ``(N, C)`` inputs: torch's ``F.group_norm`` (no affine), then each member's affine."""
+
+    def __init__(self, layers: Sequence[nn.GroupNorm]) -> None:
+        super().__init__(layers)
+        self.groups = layers[0].num_groups
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
+        k, n, c = x.shape
+        y = F.group_norm(x.reshape(k * n, c), self.groups, None, None, self.eps)
+        return self._affine(y.view(k, n, c))
+
+
+def _signature(model: nn.Sequential) -> list[tuple[str, tuple[int, ...]]]:
+    layers = [(f"{i}:{type(m).__name__}", ()) for i, m in enumerate(model)]
+    return layers + [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+
+
+class Ensemble(nn.Module):
+    """K models (``nn.Sequential``, one architecture) as one module: ``(K, N, F) → (K, N, classes)``.
+
+    ``members`` are not modified; :meth:`to_models` returns trained copies.
+
+    Examples
+    --------
+    >>> from normlab.lab.models import mlp
+    >>> ens = Ensemble([mlp(8, 2, 16, 3, norm="bn", seed=s) for s in range(4)])
+    >>> ens(torch.randn(4, 5, 8)).shape
+    torch.Size([4, 5, 3])
+    """
+
+    def __init__(self, members: Sequence[nn.Sequential]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        first = _signature(members[0])
+        if any(_signature(m) != first for m in members[1:]):
+            raise ValueError(
+                "all ensemble members must have the same architecture (layer types and shapes)"
+            )
+        self.k = len(members)
+        self._templates = [copy.deepcopy(m) for m in members]
+        self.layers = nn.ModuleList(
+            stack_layers([m[i] for m in members]) for i in range(len(members[0]))
+        )
+
+    def _input(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(0).expand(self.k, *x.shape) if x.dim() == 2 else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(K, N, F)`` (one batch per member) or ``(N, F)`` (shared) → logits ``(K, N, classes)``."""
+        h = self._input(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def outputs(self, x: Tensor, *, train: bool = False) -> list[Tensor]:
+        """Every layer's output ``(K, N, C)`` on ``x``, without gradients, in eval mode (running statistics)
+        or, with ``train=True``, in training mode (batch statistics) with every buffer restored afterwards:
+        measuring never changes the model."""
+        was = self.training
+        saved = [b.clone() for b in self.buffers()] if train else []
+        self.train(train)
+        out = []
+        try:
+            with torch.no_grad():
+                h = self._input(x)
+                for layer in self.layers:
+                    h = layer(h)
+                    out.append(h)
+                for b, s in zip(self.buffers(), saved):
+                    b.copy_(s)
+        finally:
+            self.train(was)
+        return out
+
+    def to_models(self) -> list[nn.Sequential]:
+        """The members as independent ``nn.Sequential`` models (copies, in this module's mode)."""
+        out = []
+        for k, template in enumerate(self._templates):
+            model = copy.deepcopy(template)
+            for stacked, layer in zip(self.layers, model):
+                if isinstance(stacked, StackedLayer):
+                    stacked.unstack(k, layer)
+            out.append(model.train(self.training))
+        return out
