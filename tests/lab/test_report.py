@@ -135,7 +135,7 @@ def test_check_without_results_exits_2_and_skips_old_claims_files(tmp_path: Path
     assert "not a claims file" in result.output and "redoes it" in result.output
     with (
         pytest.raises(FileNotFoundError, match="no experiment results"),
-        pytest.warns(LabWarning, match="written by another version of normlab"),
+        pytest.warns(LabWarning, match="not a claims file"),
     ):
         write_report(tmp_path)
 
