@@ -588,25 +588,31 @@ std::vector<int64_t> chunk_sizes(const at::OptionalIntArrayRef& chunks, int64_t 
 template <typename T, int ACT>
 void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::vector<double>& gamma,
                         const std::vector<double>& beta, double eps, double slope, Tensor& mean_t, Tensor& var_t,
-                        Tensor& invstd_t) {
+                        Tensor& invstd_t, const std::vector<int64_t>& sizes) {
   using A = acc_t<T>;
   const T* px = x.data_ptr<T>();
   T* py = y.data_ptr<T>();
   A* pm = mean_t.data_ptr<A>();
   A* pv = var_t.data_ptr<A>();
   A* pi = invstd_t.data_ptr<A>();
-  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  const int64_t C = sh.C, S = sh.S, G = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> starts(G, 0);  // first sample of each chunk
+  for (int64_t g = 1; g < G; ++g) starts[g] = starts[g - 1] + sizes[g - 1];
   const bool stream = ACT != kSilu && use_stream<T>(y, sh);  // the streaming paths fuse leaky ReLU only
   if (sh.layout == Layout::NCS) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
+    // one parallel region over every (chunk, channel): a chunk's channel is N_g runs of S values
+    at::parallel_for(0, G * C, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t g = j / C, c = j % C, N = sizes[g];
+        const T* pxg = px + starts[g] * C * S;
+        T* pyg = py + starts[g] * C * S;
         A shift;
-        const auto [dm, var] = ncs_moments<T>(px, N, C, S, c, shift);
+        const auto [dm, var] = ncs_moments<T>(pxg, N, C, S, c, shift);
         const double invstd = 1.0 / std::sqrt(var + eps);
         const A mean = static_cast<A>(shift + dm);
-        pm[c] = mean;
-        pv[c] = static_cast<A>(var);
-        pi[c] = static_cast<A>(invstd);
+        pm[j] = mean;
+        pv[j] = static_cast<A>(var);
+        pi[j] = static_cast<A>(invstd);
         const A scale = static_cast<A>(gamma[c] * invstd);
         const A dmean = static_cast<A>(dm);
         for (int64_t i = 0; i < N; ++i) {
@@ -615,12 +621,13 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
           if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
             if (stream) {
               const float bb = static_cast<float>(beta[c]);
-              normalize_stream<T, ACT == kLeaky>(px + off, py + off, S, &shift, &dmean, &scale, &bb, 0, float(slope));
+              normalize_stream<T, ACT == kLeaky>(pxg + off, pyg + off, S, &shift, &dmean, &scale, &bb, 0,
+                                                 float(slope));
               continue;
             }
           }
 #endif
-          normalize_run<T, ACT>(px + off, py + off, S, shift, dmean, scale, static_cast<A>(beta[c]),
+          normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, dmean, scale, static_cast<A>(beta[c]),
                                 static_cast<A>(slope));
         }
       }
@@ -628,35 +635,39 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
     });
     return;
   }
-  const int64_t M = N * S;
-  std::vector<A> shift, dmean(C), scale(C), bet(C);
-  const auto mom = rows_moments<T>(px, M, C, shift);
-  for (int64_t c = 0; c < C; ++c) {
-    const auto [dm, var] = mom[c];
-    const double invstd = 1.0 / std::sqrt(var + eps);
-    dmean[c] = static_cast<A>(dm);
-    pm[c] = static_cast<A>(shift[c] + dm);
-    pv[c] = static_cast<A>(var);
-    pi[c] = static_cast<A>(invstd);
-    scale[c] = static_cast<A>(gamma[c] * invstd);
-    bet[c] = beta[c];
-  }
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-      if (stream) {
-        for (int64_t r = r0; r < r1; ++r)
-          normalize_stream<T, ACT == kLeaky>(px + r * C, py + r * C, C, shift.data(), dmean.data(), scale.data(), bet.data(), 1,
-                                float(slope));
-        stream_fence();
-        return;
-      }
+  for (int64_t g = 0; g < G; ++g) {  // ROWS: a chunk is M_g = N_g * S consecutive rows of C
+    const int64_t M = sizes[g] * S;
+    const T* pxg = px + starts[g] * S * C;
+    T* pyg = py + starts[g] * S * C;
+    std::vector<A> shift, dmean(C), scale(C), bet(C);
+    const auto mom = rows_moments<T>(pxg, M, C, shift);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto [dm, var] = mom[c];
+      const double invstd = 1.0 / std::sqrt(var + eps);
+      dmean[c] = static_cast<A>(dm);
+      pm[g * C + c] = static_cast<A>(shift[c] + dm);
+      pv[g * C + c] = static_cast<A>(var);
+      pi[g * C + c] = static_cast<A>(invstd);
+      scale[c] = static_cast<A>(gamma[c] * invstd);
+      bet[c] = beta[c];
     }
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+    at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+        if (stream) {
+          for (int64_t r = r0; r < r1; ++r)
+            normalize_stream<T, ACT == kLeaky>(pxg + r * C, pyg + r * C, C, shift.data(), dmean.data(),
+                                               scale.data(), bet.data(), 1, float(slope));
+          stream_fence();
+          return;
+        }
+      }
 #endif
-    rows_normalize<T, ACT>(px, py, r0, r1, C, shift.data(), dmean.data(), scale.data(), bet.data(),
-                           static_cast<A>(slope));
-  });
+      rows_normalize<T, ACT>(pxg, pyg, r0, r1, C, shift.data(), dmean.data(), scale.data(), bet.data(),
+                             static_cast<A>(slope));
+    });
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, const std::optional<Tensor>& weight,
@@ -679,20 +690,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
   Tensor mean = at::empty({G * sh.C}, opts), var = at::empty({G * sh.C}, opts), invstd = at::empty({G * sh.C}, opts);
   const auto gamma = channel_param(weight, sh.C, 1.0);
   const auto beta = channel_param(bias, sh.C, 0.0);
-  int64_t start = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    Shape part = sh;
-    part.N = sizes[g];
-    Tensor xg = x.narrow(0, start, sizes[g]), yg = y.narrow(0, start, sizes[g]);
-    Tensor mg = mean.narrow(0, g * sh.C, sh.C), vg = var.narrow(0, g * sh.C, sh.C);
-    Tensor ig = invstd.narrow(0, g * sh.C, sh.C);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
-      with_act(act, [&](auto code) {
-        forward_train_impl<scalar_t, decltype(code)::value>(xg, part, yg, gamma, beta, eps, slope, mg, vg, ig);
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_forward_train", [&] {
+    with_act(act, [&](auto code) {
+      forward_train_impl<scalar_t, decltype(code)::value>(x, sh, y, gamma, beta, eps, slope, mean, var, invstd, sizes);
     });
-    start += sizes[g];
-  }
+  });
   return {y, mean, var, invstd};
 }
 
@@ -739,10 +741,12 @@ std::tuple<Tensor, Tensor> stats(const Tensor& input) {
 }
 
 // ====================== train backward ======================
+// sdy, sdyxc: (G·C,) sums of g and g·(x − mean) per chunk and channel
 template <typename T, int ACT>
 void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& gamma,
                          const std::vector<double>& beta, const Tensor& mean_t, const Tensor& invstd_t, double slope,
-                         Tensor* dx, std::vector<double>& sdy, std::vector<double>& sdyxc) {
+                         Tensor* dx, std::vector<double>& sdy, std::vector<double>& sdyxc,
+                         const std::vector<int64_t>& sizes) {
   using A = acc_t<T>;
   const T* px = x.data_ptr<T>();
   const T* pg = dy.data_ptr<T>();
@@ -751,35 +755,39 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
   auto inv64 = invstd_t.to(at::kDouble).contiguous();
   const double* pm = mean64.data_ptr<double>();
   const double* pi = inv64.data_ptr<double>();
-  const int64_t N = sh.N, C = sh.C, S = sh.S;
-  const double n = static_cast<double>(N) * S;
+  const int64_t C = sh.C, S = sh.S, G = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> starts(G, 0);
+  for (int64_t g = 1; g < G; ++g) starts[g] = starts[g - 1] + sizes[g - 1];
   const A sl = static_cast<A>(slope);
   const bool stream = ACT != kSilu && dx && use_stream<T>(*dx, sh);
-  sdy.assign(C, 0.0);
-  sdyxc.assign(C, 0.0);
+  sdy.assign(G * C, 0.0);
+  sdyxc.assign(G * C, 0.0);
   if (sh.layout == Layout::NCS) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const A mean = static_cast<A>(pm[c]);
-        const A scale = static_cast<A>(gamma[c] * pi[c]);
+    at::parallel_for(0, G * C, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t g = j / C, c = j % C, N = sizes[g], base = starts[g] * C * S;
+        const double n = static_cast<double>(N) * S;
+        const A mean = static_cast<A>(pm[j]);
+        const A scale = static_cast<A>(gamma[c] * pi[j]);
         double a = 0, b = 0;
         for (int64_t i = 0; i < N; ++i) {
-          const int64_t off = (i * C + c) * S;
+          const int64_t off = base + (i * C + c) * S;
           grad_sums<T, ACT>(pg + off, px + off, S, mean, scale, beta[c], sl, a, b);
         }
-        sdy[c] = a;
-        sdyxc[c] = b;
+        sdy[j] = a;
+        sdyxc[j] = b;
         if (!pd) continue;
-        const double k1 = gamma[c] * pi[c];
-        const A k2 = static_cast<A>(-k1 * pi[c] * pi[c] * b / n);
+        const double k1 = gamma[c] * pi[j];
+        const A k2 = static_cast<A>(-k1 * pi[j] * pi[j] * b / n);
         const A k3 = static_cast<A>(-k1 * a / n);
         const A kk1 = static_cast<A>(k1), bb = beta[c];
         for (int64_t i = 0; i < N; ++i) {
-          const int64_t off = (i * C + c) * S;
+          const int64_t off = base + (i * C + c) * S;
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<T, float>) {
             if (stream) {
-              grad_input_stream<ACT == kLeaky>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0, sl);
+              grad_input_stream<ACT == kLeaky>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0,
+                                               sl);
               continue;
             }
           }
@@ -792,40 +800,49 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
     });
     return;
   }
-  const int64_t M = N * S;
-  std::vector<A> mean(C), scale(C), bet(C), k1(C), k2(C), k3(C);
-  for (int64_t c = 0; c < C; ++c) {
-    mean[c] = static_cast<A>(pm[c]);
-    scale[c] = static_cast<A>(gamma[c] * pi[c]);
-    bet[c] = beta[c];
-  }
-  rows_reduce<T>(M, C, sdy, sdyxc, [&](int64_t r0, int64_t r1, double* pa, double* pb, A* ca, A* cb) {
-    rows_grad_sums<T, ACT>(pg + r0 * C, px + r0 * C, r1 - r0, C, mean.data(), scale.data(), bet.data(), sl, pa, pb,
-                           ca, cb);
-  });
-  if (!pd) return;
-  for (int64_t c = 0; c < C; ++c) {
-    const double kk1 = gamma[c] * pi[c];
-    k1[c] = static_cast<A>(kk1);
-    k2[c] = static_cast<A>(-kk1 * pi[c] * pi[c] * sdyxc[c] / n);
-    k3[c] = static_cast<A>(-kk1 * sdy[c] / n);
-  }
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (stream) {
-        for (int64_t r = r0; r < r1; ++r)
-          grad_input_stream<ACT == kLeaky>(pg + r * C, px + r * C, pd + r * C, C, mean.data(), scale.data(), bet.data(),
-                                 k1.data(), k2.data(), k3.data(), 1, sl);
-        stream_fence();
-        return;
-      }
+  for (int64_t g = 0; g < G; ++g) {  // ROWS: a chunk is M_g = N_g * S consecutive rows of C
+    const int64_t M = sizes[g] * S, base = starts[g] * S * C;
+    const double n = static_cast<double>(M);
+    const T* pxg = px + base;
+    const T* pgg = pg + base;
+    T* pdg = pd ? pd + base : nullptr;
+    std::vector<A> mean(C), scale(C), bet(C), k1(C), k2(C), k3(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = static_cast<A>(pm[g * C + c]);
+      scale[c] = static_cast<A>(gamma[c] * pi[g * C + c]);
+      bet[c] = beta[c];
     }
+    std::vector<double> a, b;
+    rows_reduce<T>(M, C, a, b, [&](int64_t r0, int64_t r1, double* pa, double* pb, A* ca, A* cb) {
+      rows_grad_sums<T, ACT>(pgg + r0 * C, pxg + r0 * C, r1 - r0, C, mean.data(), scale.data(), bet.data(), sl, pa,
+                             pb, ca, cb);
+    });
+    std::copy(a.begin(), a.end(), sdy.begin() + g * C);
+    std::copy(b.begin(), b.end(), sdyxc.begin() + g * C);
+    if (!pdg) continue;
+    for (int64_t c = 0; c < C; ++c) {
+      const double p = pi[g * C + c], kk1 = gamma[c] * p;
+      k1[c] = static_cast<A>(kk1);
+      k2[c] = static_cast<A>(-kk1 * p * p * b[c] / n);
+      k3[c] = static_cast<A>(-kk1 * a[c] / n);
+    }
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
+    at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          for (int64_t r = r0; r < r1; ++r)
+            grad_input_stream<ACT == kLeaky>(pgg + r * C, pxg + r * C, pdg + r * C, C, mean.data(), scale.data(),
+                                             bet.data(), k1.data(), k2.data(), k3.data(), 1, sl);
+          stream_fence();
+          return;
+        }
+      }
 #endif
-    rows_grad_input<T, ACT>(pg, px, pd, r0, r1, C, mean.data(), scale.data(), bet.data(), sl, k1.data(), k2.data(),
-                            k3.data());
-  });
+      rows_grad_input<T, ACT>(pgg, pxg, pdg, r0, r1, C, mean.data(), scale.data(), bet.data(), sl, k1.data(),
+                              k2.data(), k3.data());
+    });
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const Tensor& input,
@@ -853,26 +870,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_train(const Tensor& grad_out, const 
   Tensor dx;
   if (needs[0]) dx = at::empty_like(x);
   std::vector<double> sdy, sdyxc, dw_sum(sh.C, 0.0), db_sum(sh.C, 0.0);
-  int64_t start = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    Shape part = sh;
-    part.N = sizes[g];
-    Tensor xg = x.narrow(0, start, sizes[g]), dyg = dy.narrow(0, start, sizes[g]);
-    Tensor dxg = needs[0] ? dx.narrow(0, start, sizes[g]) : Tensor();
-    Tensor mg = mean.narrow(0, g * sh.C, sh.C), ig = invstd.narrow(0, g * sh.C, sh.C);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
-      Tensor* out = needs[0] ? &dxg : nullptr;
-      with_act(act, [&](auto code) {
-        backward_train_impl<scalar_t, decltype(code)::value>(dyg, xg, part, gamma, beta, mg, ig, slope, out, sdy,
-                                                             sdyxc);
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normlab_fused_backward_train", [&] {
+    Tensor* out = needs[0] ? &dx : nullptr;
+    with_act(act, [&](auto code) {
+      backward_train_impl<scalar_t, decltype(code)::value>(dy, x, sh, gamma, beta, mean, invstd, slope, out, sdy, sdyxc,
+                                                           sizes);
     });
-    const double* pi = inv64.data_ptr<double>() + g * sh.C;
-    for (int64_t c = 0; c < sh.C; ++c) {
-      dw_sum[c] += sdyxc[c] * pi[c];
-      db_sum[c] += sdy[c];
-    }
-    start += sizes[g];
+  });
+  const double* pi = inv64.data_ptr<double>();
+  for (int64_t j = 0; j < G * sh.C; ++j) {  // γ and β gradients: summed over the chunks
+    dw_sum[j % sh.C] += sdyxc[j] * pi[j];
+    db_sum[j % sh.C] += sdy[j];
   }
   Tensor dw, db;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
