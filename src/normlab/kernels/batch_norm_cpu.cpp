@@ -80,10 +80,15 @@ inline c10::BFloat16 store<c10::BFloat16>(float v) {
 constexpr int kNone = 0, kLeaky = 1, kSilu = 2;
 
 // exp for float in a form the compiler vectorizes (no libm call in the loop): Cephes' expf,
-// 2^n * p(r) with r = x - n*ln2 in [-ln2/2, ln2/2]; about 1 ulp.
+// 2^n * p(r) with r = x - n*ln2 in [-ln2/2, ln2/2]; relative error below 1e-7.
+// n is rounded by adding 1.5 * 2^23 (its integer then sits in the low mantissa bits), not
+// with floorf: GCC keeps floorf scalar without -fno-trapping-math, which left the whole
+// fused SiLU loop unvectorized (4x slower than torch's BN + SiLU; found by -fopt-info-vec).
 inline float vexp(float x) {
-  x = x < -87.33654f ? -87.33654f : (x > 88.37626f ? 88.37626f : x);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.33654f ? -87.33654f : x;  // NaN passes through both
+  x = x > 88.37626f ? 88.37626f : x;
+  const float big = x * 1.44269504088896341f + 12582912.0f;
+  const float n = big - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500E-4f;
@@ -93,7 +98,8 @@ inline float vexp(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  const int32_t e = __builtin_bit_cast(int32_t, big) - 0x4B400000;  // n as an integer
+  return p * __builtin_bit_cast(float, (e + 127) << 23);
 }
 inline double vexp(double x) { return std::exp(x); }
 
