@@ -198,3 +198,22 @@ def test_fx_quantization_preparation_traces_normlab_layers() -> None:
     x = torch.randn(2, 3, 5, 5)
     prepared = prepare_fx(model, get_default_qconfig_mapping(), example_inputs=(x,))
     torch.testing.assert_close(prepared(x), model(x))
+
+
+def test_torch_compile_traces_plain_batch_norm_without_a_graph_break() -> None:
+    """Eager plain BN runs one compiled C++ call; under dynamo it must be ATen's op instead
+    (a pybind call, a functorch check or an lru_cache in the path is a graph break)."""
+    import torch._dynamo
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nlnn.BatchNorm2d(8), nn.ReLU())
+
+    x = torch.randn(4, 3, 10, 10)
+    explained = torch._dynamo.explain(model())(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    compiled, eager = model(), model()
+    y = torch.compile(compiled)(x)
+    torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[1].running_var, eager[1].running_var)
+    assert int(compiled[1].num_batches_tracked) == 1

@@ -112,7 +112,9 @@ class NativeKernel:
         with the compiled kernels all of it is one C++ call (``aten_train``: no extra tensor
         op); elsewhere the buffers are backed up and restored here.
         """
-        aten_train = _aten_train()
+        aten_train = (  # dynamo cannot trace the compiled call: ATen's own op in graphs
+            None if torch.compiler.is_compiling() else _aten_train()
+        )
         if aten_train is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
             result: tuple[Tensor, Tensor, Tensor, int] = aten_train(
                 x, weight, bias, running_mean, running_var, num_batches_tracked,

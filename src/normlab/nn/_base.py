@@ -319,9 +319,9 @@ class NormBase(_BatchNorm):
     # --- state ----------------------------------------------------------------------
     def _report_nonfinite_buffers(self, when: str) -> None:
         """Warn naming the channels whose running statistics are NaN/Inf (a damaged checkpoint)."""
-        if not (has_running_stats(self) and _concrete(self.running_mean)):
+        if torch.compiler.is_compiling():  # first: dynamo cannot trace the functorch check
             return
-        if torch.compiler.is_compiling():
+        if not (has_running_stats(self) and _concrete(self.running_mean)):
             return
         assert self.running_mean is not None and self.running_var is not None
         channels = nonfinite_channels(self.running_mean, self.running_var)
