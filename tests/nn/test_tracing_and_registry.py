@@ -217,3 +217,25 @@ def test_torch_compile_traces_plain_batch_norm_without_a_graph_break() -> None:
     torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled[1].running_var, eager[1].running_var)
     assert int(compiled[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nlnn.BatchNormAct2d(8, activation="silu"), lambda: nlnn.BatchRenorm2d(8)],
+    ids=["act_silu", "renorm"],
+)
+def test_torch_compile_runs_the_training_function_like_eager(make) -> None:
+    """The one autograd.Function under dynamo: outputs and gradients equal to eager."""
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), make())
+
+    x = torch.randn(4, 3, 10, 10)
+    compiled, eager = model(), model()
+    y = torch.compile(compiled)(x)
+    y.sum().backward()
+    ye = eager(x)
+    ye.sum().backward()
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-4)
