@@ -220,11 +220,14 @@ def bench(
     for line in bench_summary(results, names):
         typer.echo(line)
     if json_path is not None:
+        from .bench import machine_info
+
         meta = {
             "backend": backend_name,
             "allocator": allocator,
             "repeats": repeats,
             "quick": quick,
+            **machine_info(),
         }
         payload = {"meta": meta, "results": [r.as_dict() for r in results]}
         json_path.write_text(json.dumps(payload, indent=2))

@@ -137,6 +137,8 @@ def test_cli_bench_tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert "geometric-mean ratio" in result.output
     payload = json.loads(out_json.read_text())
     assert payload["meta"]["allocator"] == "default"
+    meta = payload["meta"]  # the machine the timings belong to
+    assert meta["torch"] == torch.__version__ and meta["cores"] >= 1 and meta["cpu"]
     _check_sane([Result(**r) for r in payload["results"]])
     assert out_png.exists()
 

@@ -195,3 +195,35 @@ def run_cases(
             )
         )
     return results
+
+
+def machine_info() -> dict[str, Any]:
+    """What the timings depend on: CPU model and vector extensions, cores, threads, versions."""
+    import datetime
+    import os
+    import platform
+
+    from .. import __version__
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "vector": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "normlab": __version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
