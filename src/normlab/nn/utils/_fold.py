@@ -363,8 +363,8 @@ def _probe_is_affine(bn: nn.Module, spatial: int) -> bool:
     return bool(torch.allclose(y.float(), expected, rtol=tol, atol=tol, equal_nan=True))
 
 
-def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
-    """The reason ``bn`` cannot be folded into ``layer``, or ``None`` when it can."""
+def _why_not_either(layer: nn.Module, bn: nn.Module) -> str | None:
+    """What stops folding ``bn`` into ``layer`` on either side of it, or ``None``."""
     base = _stock_base(layer)
     if base is None:
         return f"{type(layer).__name__} overrides the stock Conv/Linear forward"
@@ -374,6 +374,16 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
         return "the layer or the BatchNorm has hooks"
     if not has_running_stats(bn):
         return "no running statistics (track_running_stats=False): eval uses batch statistics"
+    return None
+
+
+def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
+    """The reason ``bn`` cannot be folded into ``layer``, or ``None`` when it can."""
+    reason = _why_not_either(layer, bn)
+    if reason is not None:
+        return reason
+    base = _stock_base(layer)
+    assert base is not None  # checked by _why_not_either
     assert isinstance(bn.running_mean, Tensor)
     c = bn.running_mean.numel()
     out = layer.out_features if base is nn.Linear else layer.out_channels
@@ -391,15 +401,11 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
 
 def _why_not_next(bn: nn.Module, layer: nn.Module) -> str | None:
     """The reason ``bn`` cannot be folded into ``layer``, the layer it feeds, or ``None``."""
+    reason = _why_not_either(layer, bn)
+    if reason is not None:
+        return reason
     base = _stock_base(layer)
-    if base is None:
-        return f"{type(layer).__name__} overrides the stock Conv/Linear forward"
-    if parametrize.is_parametrized(layer):
-        return "the layer's weight is parametrized"
-    if _has_hooks(layer) or _has_hooks(bn):
-        return "the layer or the BatchNorm has hooks"
-    if not has_running_stats(bn):
-        return "no running statistics (track_running_stats=False): eval uses batch statistics"
+    assert base is not None  # checked by _why_not_either
     if base in CONV_TYPES and CONV_TYPES[base][1]:
         return (
             f"folding into the {type(layer).__name__} after it is not exact (how much of the "
