@@ -32,7 +32,7 @@ from .noisy_bn import model as arm_model
 __all__ = ["CovariateShift", "gradient_shift", "shift_probe"]
 
 LR, BATCH, EVERY, PROBE_SEED = LR_LOW, 64, 25, 0
-QUICK_STEPS, FULL_STEPS = 300, 800
+QUICK_STEPS, FULL_STEPS = 200, 800
 SHOWN = (2, DEPTH)  # the Linear layers (1-based) whose curves the figure shows
 SETUP = {
     "depth": DEPTH,
@@ -154,7 +154,7 @@ class CovariateShift(Experiment):
         "reduce internal covariate shift (similar or larger), although it trains better."
     )
     setup = (
-        "Taken from the paper (Definition 2.1, Fig. 3): for each layer i, G = ∇_{W_i} L on a batch and "
+        "Taken from the paper (Definition 2.1, Fig. 3): for each layer i, G = ∂L/∂W_i on a batch and "
         "G' = the same gradient on the same batch after the layers before i took this step's SGD update; "
         "the ℓ2 distance ‖G − G'‖ (ideally 0) and the cosine cos(G, G') (ideally 1) over training, "
         "plain vs BN; plain SGD. Changed: the networks of `noisy_bn` (an MLP with "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,22 @@ def build(data: Dataset, norm: str, init: str, seed: int) -> nn.Sequential:
     return model
 
 
-def cell_success(records: list[dict[str, Any]], seeds: list[int], level: float) -> np.ndarray:
+def cell_success(
+    records: list[dict[str, Any]], seeds: list[int], level: float, lrs: Sequence[float] = LRS
+) -> np.ndarray:
     """``(seeds, inits, lrs)`` bool: the run trains (finite, ≥ ``level`` test accuracy)."""
     by = {(r["seed"], r["init"], float(r["lr"])): trains(r, level) for r in records}
-    return np.array([[[by[(s, i, lr)] for lr in LRS] for i in INITS] for s in seeds])
+    return np.array([[[by[(s, i, lr)] for lr in lrs] for i in INITS] for s in seeds])
 
 
 def trainable_cells(success: np.ndarray, rate: float = RATE) -> int:
     """Cells (init × lr) where at least ``rate`` of the seeds (axis 0) train."""
     return int((success.mean(axis=0) >= rate - 1e-12).sum())
+
+
+def _lrs(results: Any) -> list[float]:
+    """The learning rates the units ran (quick runs: every other rate of :data:`LRS`)."""
+    return [float(v) for v in results[0][0]["lrs"]]
 
 
 @register
@@ -88,7 +96,8 @@ class LrInitMap(Experiment):
         f"{len(LRS)} rates × seeds — trains as one batched ensemble per arm), batch {BATCH}, {STEPS} steps "
         "for every dataset; inits N(0, 1) (a 'standard normal' weight), N(0, 0.01²), Glorot normal, He "
         f"normal and LSUV (`normlab.init.lsuv_` on {LSUV_SAMPLES} training samples per seed), zero biases; "
-        f"a ×2 grid of learning rates {num(LRS[0])} … {num(LRS[-1])}. A run trains when its loss stays "
+        f"a ×2 grid of learning rates {num(LRS[0])} … {num(LRS[-1])} (quick runs: every other rate, a ×4 "
+        "grid with the same ends). A run trains when its loss stays "
         "finite and below 10× its first loss and it reaches the accuracy level (0.80 on digits, 0.70 on "
         "Fashion-MNIST), as in `learning_rate`; a cell is trainable when ≥ 80 % of its seeds train. Each "
         "cell shows the median test accuracy (a diverged run scores chance) and the fraction of diverged "
@@ -131,7 +140,7 @@ class LrInitMap(Experiment):
                 "norm": norm,
                 "seeds": seeds,
                 "inits": list(INITS),
-                "lrs": list(LRS),
+                "lrs": list(LRS[::2] if quick else LRS),
                 "steps": STEPS,
                 "dataset": dataset,
                 "setup": SETUP,
@@ -176,7 +185,7 @@ class LrInitMap(Experiment):
     def _success(self, results: Results, level: float) -> dict[str, np.ndarray]:
         seeds = list(results[0][0]["seeds"])
         by = grouped(members(results), lambda r: r["config"]["norm"])
-        return {norm: cell_success(recs, seeds, level) for norm, recs in by.items()}
+        return {norm: cell_success(recs, seeds, level, _lrs(results)) for norm, recs in by.items()}
 
     def _cells(self, results: Results) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
         return grouped(members(results), lambda r: (r["config"]["norm"], r["init"], float(r["lr"])))
@@ -193,7 +202,7 @@ class LrInitMap(Experiment):
                             chance if r["diverged"] else r["final_test_acc"]
                             for r in cells[(norm, init, lr)]
                         ]
-                        for lr in LRS
+                        for lr in _lrs(results)
                     ]
                     for init in INITS
                 ]
@@ -232,7 +241,7 @@ class LrInitMap(Experiment):
         for i, (init, (label, _)) in enumerate(INITS.items()):
             for norm in ARMS:
                 row = [label, LABELS[norm]]
-                for j, lr in enumerate(LRS):
+                for j, lr in enumerate(_lrs(results)):
                     div = sum(r["diverged"] for r in cells[(norm, init, lr)])
                     mark = "**" if success[norm][:, i, j].mean() >= RATE - 1e-12 else ""
                     row.append(
@@ -241,10 +250,10 @@ class LrInitMap(Experiment):
                     )
                 rows.append(row)
         counts = ", ".join(f"{LABELS[n]} {trainable_cells(success[n])}" for n in ARMS)
-        return md_table(["init", "model", *[f"lr {num(lr)}" for lr in LRS]], rows) + (
+        return md_table(["init", "model", *[f"lr {num(lr)}" for lr in _lrs(results)]], rows) + (
             f"\n\nMedian test accuracy over seeds (diverged runs score chance); bold: ≥ {RATE:.0%} of "
             f"the seeds train (finite, ≥ {level:.2f}). Trainable cells: {counts} of "
-            f"{len(INITS) * len(LRS)}."
+            f"{len(INITS) * len(_lrs(results))}."
         )
 
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
@@ -252,6 +261,7 @@ class LrInitMap(Experiment):
 
         from ..plots import new_figure, save, seed_dots
 
+        lrs = _lrs(results)
         level = accuracy_level(0.80, results[0][0]["dataset"])
         success, acc = self._success(results, level), self._accuracy(results)
         fig, axes = new_figure(1, 3, width=22, height=5.5)
@@ -261,7 +271,7 @@ class LrInitMap(Experiment):
             diverged = self._diverged(results, norm).mean(axis=0)  # fraction per cell
             image = ax.imshow(median, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
             for i in range(len(INITS)):
-                for j in range(len(LRS)):
+                for j in range(len(lrs)):
                     text = f"{median[i, j]:.2f}"
                     if diverged[i, j] > 0:
                         text += f"\n{diverged[i, j]:.0%} div."
@@ -278,7 +288,7 @@ class LrInitMap(Experiment):
                         ax.add_patch(
                             Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5)
                         )
-            ax.set_xticks(range(len(LRS)), [num(lr) for lr in LRS], rotation=45)
+            ax.set_xticks(range(len(lrs)), [num(lr) for lr in lrs], rotation=45)
             ax.set_yticks(range(len(INITS)), [label for label, _ in INITS.values()])
             ax.grid(False)
             ax.set(
@@ -300,7 +310,7 @@ class LrInitMap(Experiment):
         for bound in (-MARGIN, MARGIN):
             axes[2].axhline(bound, color="gray", ls="--", lw=0.8)
         axes[2].set(
-            title=f"At lr {num(LRS[0])}: accuracy BN − plain per seed (dashed: ±{MARGIN})",
+            title=f"At lr {num(lrs[0])}: accuracy BN − plain per seed (dashed: ±{MARGIN})",
             ylabel="accuracy difference",
         )
         path = out_dir / "lr_init_map.png"
@@ -311,5 +321,8 @@ class LrInitMap(Experiment):
         """``(seeds, inits, lrs)`` bool: the run diverged."""
         cells = self._cells(results)
         return np.array(
-            [[[r["diverged"] for r in cells[(norm, init, lr)]] for lr in LRS] for init in INITS]
+            [
+                [[r["diverged"] for r in cells[(norm, init, lr)]] for lr in _lrs(results)]
+                for init in INITS
+            ]
         ).transpose(2, 0, 1)
