@@ -177,8 +177,8 @@ class CovariateShift(Experiment):
         "and loss'; in the deep linear network BN's ℓ2 differences are far larger and its cosines near 0. "
         "No numbers are given beside the curves."
     )
-    minutes_quick = 0.2
-    minutes_full = 0.6
+    minutes_quick = 0.15
+    minutes_full = 1.2
     claims = (
         Claim(
             "bn_shift_not_smaller",

@@ -110,8 +110,8 @@ class LrInitMap(Experiment):
         "ResNet-110 on CIFAR-10): at the smallest learning rate the networks with and without BN reach "
         "similar test accuracy, while at large rates only BN trains."
     )
-    minutes_quick = 0.2
-    minutes_full = 0.4
+    minutes_quick = 0.14
+    minutes_full = 0.8
     claims = (
         Claim(
             "bn_larger_region",

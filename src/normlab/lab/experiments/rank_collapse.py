@@ -19,6 +19,7 @@ from ._common import fmt, grouped, md_table, members, num
 __all__ = ["DEPTHS", "RankCollapse", "hidden_representations", "numerical_rank"]
 
 WIDTH, SAMPLES, RTOL = 32, 128, 0.01
+FLOOR = 1e-20  # the spectrum plot's floor: smaller ratios are drawn on it
 DEPTHS = tuple(2**i for i in range(9))  # 1 … 256 hidden layers
 ARMS = (("none", "identity"), ("bn", "identity"), ("none", "relu"), ("bn", "relu"))
 LABELS = {
@@ -77,8 +78,8 @@ class RankCollapse(Experiment):
         "linear network converge to rank one as depth grows; with BN the rank stays at least of order "
         "√width at any depth. Our thresholds below are ours (the paper's bound has unspecified constants)."
     )
-    minutes_quick = 0.02
-    minutes_full = 0.03
+    minutes_quick = 0.03
+    minutes_full = 0.1
     claims = (
         Claim(
             "linear_collapses",
@@ -194,7 +195,7 @@ class RankCollapse(Experiment):
             if spec:
                 axes[1].plot(
                     range(1, len(spec) + 1),
-                    np.maximum(spec, 1e-300),
+                    np.maximum(spec, FLOOR),
                     style,
                     color=color,
                     label=f"{LABELS[arm]} (seed {recs[0]['seed']})",
@@ -208,6 +209,7 @@ class RankCollapse(Experiment):
         )
         axes[1].axhline(RTOL, color="gray", ls=":", lw=1)
         axes[1].set_yscale("log")
+        axes[1].set_ylim(FLOOR / 2, 2.0)
         axes[1].set(
             title=f"Singular values at depth {DEPTHS[-1]} (relative to the largest)",
             xlabel="index",
