@@ -99,7 +99,8 @@ def test_usage_names_experiments_plainly() -> None:
         ("normlab bench --backend f", ["fused"]),
         ("normlab lab run --dataset fa", ["fashion-mnist"]),
         ("normlab lab run con", ["convergence"]),
-        ("normlab lab run a", ["all"]),
+        ("normlab lab run al", ["all"]),
+        ("normlab lab run a", ["activations", "all"]),
     ],
 )
 def test_shell_completion(words: str, expected: list[str]) -> None:

@@ -19,8 +19,8 @@ from normlab.lab.experiments.signal_propagation import _max_log_ratio
 from normlab.lab.experiments.xavier_vs_he import escape_step
 
 
-def test_registry_lists_the_twelve_experiments_in_order() -> None:
-    assert list(REGISTRY) == list(EXPERIMENTS) and len(EXPERIMENTS) == 12
+def test_registry_lists_the_sixteen_experiments_in_order() -> None:
+    assert list(REGISTRY) == list(EXPERIMENTS) and len(EXPERIMENTS) == 16
     for exp in REGISTRY.values():
         assert exp.paper and exp.setup and exp.paper_numbers and exp.summary
         assert "Taken from" in exp.setup, (

@@ -44,6 +44,12 @@ def landscape_hook(
     return hook
 
 
+def _mean_grad_diff(record: dict[str, Any]) -> float:
+    """The gradient change along the step (max over step sizes), averaged over every probe of the run."""
+    vals = [p["grad_diff"] for p in record["probes"]]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 @register
 class Landscape(Experiment):
     name = "landscape"
@@ -55,8 +61,9 @@ class Landscape(Experiment):
         "the effective β-smoothness, plain vs BN. Changed: an MLP with "
         f"{DEPTH} hidden layers of {WIDTH} ReLU units (He init) instead of VGG on CIFAR-10; SGD lr {LR}, "
         f"batch 64, {EPOCHS} epochs; every {EVERY} steps `normlab.diagnostics.landscape_probe` on a fixed "
-        f"batch of 256 training samples (train mode) with step sizes {list(STEP_SIZES)}. The claim compares "
-        "β averaged over the first 25 % of training, per seed."
+        f"batch of 256 training samples (train mode) with step sizes {list(STEP_SIZES)}. The claims compare "
+        "β averaged over the first 25 % of training, and the gradient change (predictiveness) averaged "
+        "over the whole run, per seed."
     )
     paper_numbers = (
         "Santurkar et al. (VGG, CIFAR-10, Fig. 4): with BN the variation of the loss along the gradient, the "
@@ -74,6 +81,18 @@ class Landscape(Experiment):
             "<=",
             0.7,
             "Fig. 4(c): BN's effective β-smoothness is markedly lower throughout training; no ratio",
+            scale="log",
+        ),
+        Claim(
+            "gradient_predictiveness",
+            "BN's gradients stay more predictive along the step: they change less than plain's",
+            paper,
+            "max over step sizes of ‖∇L(θ) − ∇L(θ − ηg)‖₂, averaged over the run: BN / plain, per seed",
+            "<",
+            1.0,
+            "Fig. 4(b): BN's gradient change along the step is markedly smaller throughout training; "
+            "no ratio",
+            threshold_origin="paper",
             scale="log",
         ),
     )
@@ -143,7 +162,11 @@ class Landscape(Experiment):
     def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
         by = self._by(results)
         ratios = [self._early_beta(b) / self._early_beta(p) for p, b in zip(by["none"], by["bn"])]
-        return [self.claim("beta_ratio").check(ratios)]
+        change = [_mean_grad_diff(b) / _mean_grad_diff(p) for p, b in zip(by["none"], by["bn"])]
+        return [
+            self.claim("beta_ratio").check(ratios),
+            self.claim("gradient_predictiveness").check(change),
+        ]
 
     def table(self, results: Results) -> str:
         rows = []
