@@ -14,14 +14,35 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MODELS",
     "activation_stats",
     "band",
+    "by_model",
     "fmt",
     "grouped",
     "md_table",
     "members",
+    "model_units",
     "num",
 ]
+
+#: The lab's two networks: its MLPs and its ConvNet (:func:`normlab.lab.models.convnet`).
+MODELS = ("mlp", "cnn")
+MODEL_LABELS = {"mlp": "MLP", "cnn": "ConvNet"}
+
+
+def by_model(
+    results: Iterable[tuple[dict[str, Any], Any]], model: str
+) -> list[tuple[dict[str, Any], Any]]:
+    """The units of ``model`` (a unit whose config has no ``"model"`` is an MLP's)."""
+    return [(cfg, m) for cfg, m in results if cfg.get("model", "mlp") == model]
+
+
+def model_units(configs: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """``configs`` again as ConvNet units (``"model": "cnn"``), or none when ``dataset`` has no images."""
+    from ..data import IMAGE_DATASETS
+
+    return [{**cfg, "model": "cnn"} for cfg in configs] if dataset in IMAGE_DATASETS else []
 
 
 def members(
