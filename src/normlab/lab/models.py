@@ -15,6 +15,7 @@ from .ensemble import StackedBatchNorm, channel_concat
 
 __all__ = [
     "ACTIVATIONS",
+    "CONVNET",
     "INITS",
     "NORMS",
     "MicroBatch",
@@ -25,6 +26,8 @@ __all__ = [
     "norm_layer",
 ]
 
+#: The ConvNet's architecture in a unit's config (a change here reruns the ConvNet units).
+CONVNET = "conv3x3 8-16 (8x8) / 8-16-32 (larger), BN-ReLU-maxpool, linear head"
 NORMS = ("none", "bn", "bn_after", "renorm", "ghost", "layer", "group")
 INITS = ("torch", "he", "xavier", "lecun", "orthogonal", "normal", "standard")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -276,8 +279,9 @@ def convnet(
     ``nn.Unflatten`` to ``image_shape`` ``(C, H, W)``, then per stage ``Conv3x3 → norm →
     activation → MaxPool2×2`` (the convolution has no bias when a norm follows it), then
     ``Flatten → Linear`` on the last stage's ``C·H·W`` features. ``channels`` per stage defaults
-    to ``(16, 32)`` for images of at most 8×8 pixels (digits: 8 → 4 → 2) and ``(16, 32, 64)``
-    otherwise (28×28: 28 → 14 → 7 → 3). ``norm`` as :func:`norm_layer` with ``images=True``
+    to ``(8, 16)`` for images of at most 8×8 pixels (digits: 8 → 4 → 2) and ``(8, 16, 32)``
+    otherwise (28×28: 28 → 14 → 7 → 3): narrow, so that the lab's ConvNet track fits its time
+    budget on two CPU cores. ``norm`` as :func:`norm_layer` with ``images=True``
     (``"layer"`` excluded); ``init``, ``seed``, ``norm_kwargs`` and ``micro_batch`` as :func:`mlp`.
     Stacks into an :class:`~normlab.lab.ensemble.Ensemble` (grouped convolutions).
 
@@ -293,9 +297,7 @@ def convnet(
         raise ValueError(f"convnet needs images (C, H, W), got shape {tuple(image_shape)}")
     activation_module(activation)  # validate early
     c, h, w = (int(v) for v in image_shape)
-    stages = (
-        tuple(channels) if channels is not None else (16, 32) if max(h, w) <= 8 else (16, 32, 64)
-    )
+    stages = tuple(channels) if channels is not None else (8, 16) if max(h, w) <= 8 else (8, 16, 32)
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
     with torch.random.fork_rng():
         torch.manual_seed(seed)

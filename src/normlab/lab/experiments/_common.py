@@ -38,11 +38,18 @@ def by_model(
     return [(cfg, m) for cfg, m in results if cfg.get("model", "mlp") == model]
 
 
-def model_units(configs: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
-    """``configs`` again as ConvNet units (``"model": "cnn"``), or none when ``dataset`` has no images."""
+def model_units(configs: list[dict[str, Any]], dataset: str, **setup: Any) -> list[dict[str, Any]]:
+    """``configs`` again as ConvNet units (``"model": "cnn"``; their ``setup`` names the ConvNet's
+    version and holds ``setup``'s items), or none when ``dataset`` has no images."""
     from ..data import IMAGE_DATASETS
+    from ..models import CONVNET
 
-    return [{**cfg, "model": "cnn"} for cfg in configs] if dataset in IMAGE_DATASETS else []
+    if dataset not in IMAGE_DATASETS:
+        return []
+    return [
+        {**cfg, "model": "cnn", "setup": {**cfg.get("setup", {}), "convnet": CONVNET, **setup}}
+        for cfg in configs
+    ]
 
 
 def members(
