@@ -84,7 +84,7 @@ def lab_cases(options: BenchOptions) -> list[Case]:
             lambda s: mlp(data.in_features, 3, 100, data.num_classes, norm="bn", init="he", seed=s),
         ),
         (
-            "ConvNet 16-32+BN",
+            "ConvNet 8-16+BN",
             lambda s: convnet(data.image_shape, data.num_classes, norm="bn", init="he", seed=s),
         ),
     ]
