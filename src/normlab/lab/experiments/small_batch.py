@@ -39,7 +39,8 @@ UNITS = (
 PER_SAMPLE = dict.fromkeys(("layer", "group"), "— (as at every size)")
 # The ConvNet's units: what its claims need (GroupNorm is per-sample: one micro-batch size is all)
 CNN_UNITS = (("bn", MICRO[0]), ("bn", MICRO[-1]), ("renorm", MICRO[0]), ("group", MICRO[0]))
-CNN_SETUP = {**SETUP, "groups": 4}  # 2 and 4 channels per group at 8 and 16 channels
+CNN_GROUPS = 4  # 2 and 4 channels per group at 8 and 16 channels
+CNN_SETUP = {**SETUP, "groups": CNN_GROUPS}
 # Papers' points for the figure, error in % at each micro-batch size.
 WU_HE = {  # Wu & He 2018, Table 3 (ResNet-50, ImageNet), images per worker
     "BN (Wu & He)": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
@@ -194,7 +195,7 @@ class SmallBatch(Experiment):
         micro_batch = micro if micro < BATCH else None
         if config.get("model", "mlp") == "cnn":
             if method == "group":
-                kwargs["num_groups"] = CNN_SETUP["groups"]
+                kwargs["num_groups"] = CNN_GROUPS
             models = [
                 convnet(
                     data.image_shape,
@@ -301,7 +302,7 @@ class SmallBatch(Experiment):
         for model in ("mlp", "cnn"):
             acc = self._acc(by_model(results, model))
             if acc:
-                groups = 10 if model == "mlp" else CNN_SETUP["groups"]
+                groups = 10 if model == "mlp" else CNN_GROUPS
                 parts.append(f"**{MODEL_LABELS[model]}**\n\n" + self._table(acc, groups))
         return "\n\n".join(parts)
 
