@@ -195,7 +195,9 @@ class NoisyBN(Experiment):
         "batched ensemble. The ConvNet track runs the same arms, noise and learning rates on "
         "`normlab.lab.models.convnet` (Santurkar et al.'s own setting is a VGG: conv → BN → ReLU; ours "
         "has 2 stages on digits, 3 on 28×28 images), a unit being a channel: its noise drawn per sample "
-        f"and channel (the same at all its positions), its instability over every sample and position; {CNN_STEPS} steps "
+        "and channel, the same at all its positions (the paper perturbs every activation i.i.d.; one "
+        "draw per channel keeps the noise's cost small), its instability over every sample and "
+        f"position; {CNN_STEPS} steps "
         "(a quarter of the MLP's, 10 epochs on digits, for the suite's time budget; the learning rates were not swept for it)."
     )
     paper_numbers = (
