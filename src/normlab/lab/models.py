@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 #: The ConvNet's architecture in a unit's config (a change here reruns the ConvNet units).
-CONVNET = "conv3x3 8-16 (8x8) / 8-16-32 (larger), BN-ReLU-maxpool, linear head"
+CONVNET = "conv3x3 8-16 (8x8) / 8-16-32 (larger; over 16 px avg-pooled 2x2 first), BN-ReLU-maxpool, linear"
 NORMS = ("none", "bn", "bn_after", "renorm", "ghost", "layer", "group")
 INITS = ("torch", "he", "xavier", "lecun", "orthogonal", "normal", "standard")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -280,8 +280,9 @@ def convnet(
     activation → MaxPool2×2`` (the convolution has no bias when a norm follows it), then
     ``Flatten → Linear`` on the last stage's ``C·H·W`` features. ``channels`` per stage defaults
     to ``(8, 16)`` for images of at most 8×8 pixels (digits: 8 → 4 → 2) and ``(8, 16, 32)``
-    otherwise (28×28: 28 → 14 → 7 → 3): narrow, so that the lab's ConvNet track fits its time
-    budget on two CPU cores. ``norm`` as :func:`norm_layer` with ``images=True``
+    otherwise; images over 16 pixels high or wide are first average-pooled 2×2 (28×28: 14 → 7 →
+    3 → 1). Narrow and coarse, so that the lab's ConvNet track fits its time budget on two CPU
+    cores (at full resolution, Fashion-MNIST's ConvNet units took about 4× as long). ``norm`` as :func:`norm_layer` with ``images=True``
     (``"layer"`` excluded); ``init``, ``seed``, ``norm_kwargs`` and ``micro_batch`` as :func:`mlp`.
     Stacks into an :class:`~normlab.lab.ensemble.Ensemble` (grouped convolutions).
 
@@ -299,6 +300,9 @@ def convnet(
     c, h, w = (int(v) for v in image_shape)
     stages = tuple(channels) if channels is not None else (8, 16) if max(h, w) <= 8 else (8, 16, 32)
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
+    if max(h, w) > 16:
+        layers.append(nn.AvgPool2d(2))
+        h, w = h // 2, w // 2
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for out in stages:

@@ -59,7 +59,7 @@ class Landscape(Experiment):
         f"batch of 256 training samples (train mode) with step sizes {list(STEP_SIZES)}. The claim compares "
         "β averaged over the first 25 % of training, per seed. The ConvNet track (closer to the paper's "
         "VGG) measures the same on `normlab.lab.models.convnet` (plain vs BN; 2 stages on digits, 3 on "
-        f"28×28 images), same schedule, probed every {CNN_EVERY} steps (the suite's time budget)."
+        f"28×28 images average-pooled to 14×14), same schedule, probed every {CNN_EVERY} steps (the suite's time budget)."
     )
     paper_numbers = (
         "Santurkar et al. (VGG, CIFAR-10, Fig. 4): with BN the variation of the loss along the gradient, the "

@@ -194,7 +194,7 @@ class NoisyBN(Experiment):
         "diverged run scores chance accuracy (1/classes). Both learning rates of an arm train as one "
         "batched ensemble. The ConvNet track runs the same arms, noise and learning rates on "
         "`normlab.lab.models.convnet` (Santurkar et al.'s own setting is a VGG: conv → BN → ReLU; ours "
-        "has 2 stages on digits, 3 on 28×28 images), a unit being a channel: its noise drawn per sample "
+        "has 2 stages on digits, 3 on 28×28 images average-pooled to 14×14), a unit being a channel: its noise drawn per sample "
         "and channel, the same at all its positions (the paper perturbs every activation i.i.d.; one "
         "draw per channel keeps the noise's cost small), its instability over every sample and "
         f"position; {CNN_STEPS} steps "

@@ -99,7 +99,7 @@ class SmallBatch(Experiment):
         "it enters inconclusive. The ConvNet track (Wu & He's and Ioffe's own setting: convolutions, "
         "where a micro-batch of 2 images still gives each channel 2·H·W values) runs the same schedule "
         "on `normlab.lab.models.convnet` (digits: conv3×3-8 → BN → ReLU → max-pool → conv3×3-16 → BN → "
-        "ReLU → max-pool → linear; 28×28 images get a third stage of 32 channels), He init, GroupNorm "
+        "ReLU → max-pool → linear; 28×28 images are average-pooled to 14×14 first and get a third stage of 32 channels), He init, GroupNorm "
         "with 4 groups (2–8 channels per group; Wu & He use 32 groups of 2–64 channels), half the MLP's steps "
         f"({CNN_QUICK_STEPS} quick, {CNN_FULL_STEPS} full; Renorm's schedule is complete by step "
         f"{R_END}), for the suite's time budget, and only the units its claims need: BN at "
