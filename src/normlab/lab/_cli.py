@@ -296,8 +296,9 @@ def run(
         DeviceName,
         typer.Option(
             metavar="DEVICE",
-            help="Where the ensembles train: cpu or cuda (the data is moved there once; batches "
-            "and noise are still drawn on the CPU, so a seed draws the same ones on both).",
+            help="Where the batched ensembles train: cpu or cuda (each batch is sent there as it "
+            "is drawn; data order, noise, probes and results stay on the CPU, so a seed draws the "
+            "same batches on both). Without CUDA, cuda exits with status 2 before any work.",
         ),
     ] = DeviceName.cpu,
 ) -> None:
