@@ -67,7 +67,7 @@ class Landscape(Experiment):
         "most visibly early on."
     )
     minutes_quick = 0.18  # MLP as before + ConvNet units (their share of a run)
-    minutes_full = 0.28
+    minutes_full = 0.3
     claims: ClassVar[tuple[Claim, ...]] = (
         Claim(
             "beta_ratio",

@@ -206,7 +206,7 @@ class NoisyBN(Experiment):
         "histograms are far less stable (no numbers given)."
     )
     minutes_quick = 0.9  # MLP as before + ConvNet units (their share of a run)
-    minutes_full = 1.4
+    minutes_full = 1.7
     claims: ClassVar[tuple[Claim, ...]] = (
         Claim(
             "noisy_matches_bn",
