@@ -66,7 +66,7 @@ class Suite(StrEnum):
     variants = "variants"
     model = "model"
     fold = "fold"
-    ensemble = "ensemble"
+    lab = "lab"
     allocator = "allocator"
     standardizer = "standardizer"
 
@@ -183,7 +183,9 @@ def bench(
     """Time normlab against torch in the same process: ratio = normlab / torch (< 1 is faster).
 
     Efficiency columns: the op's minimum memory traffic priced at the floors measured in
-    this run (copy into a preallocated tensor; read-only sum) ÷ its time.
+    this run (copy into a preallocated tensor; read-only sum) ÷ its time; in the lab suite
+    (the lab's batched ensembles against K sequential models), the step's matrix products and
+    convolutions alone, forward and backward, ÷ the step's time.
     """
     from rich.console import Console
 

@@ -161,3 +161,29 @@ def test_tune_cpu_allocator_in_child() -> None:
 def test_tune_cpu_allocator_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match=r"trim_threshold must be in \[0, 2147483647\], got -1"):
         tune_cpu_allocator(trim_threshold=-1)
+
+
+def test_lab_floor_runs_the_steps_products_and_the_cases_train(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lab suite's floor does the step's products (a conv net's convolutions and its head's bmm)
+    on tensors of the step's shapes; both sides of a case take a training step."""
+    from normlab.bench._lab import lab_cases, product_floor
+    from normlab.lab.ensemble import Ensemble
+    from normlab.lab.models import convnet
+
+    ens = Ensemble([convnet((1, 8, 8), 10, channels=(2, 4), seed=s) for s in range(3)])
+    floor = product_floor(ens, torch.rand(3, 5, 64))
+    with torch.profiler.profile() as prof:
+        floor()
+    calls = [e.name for e in prof.events()]
+    assert calls.count("aten::convolution_backward") == 2 and "aten::bmm" in calls
+    monkeypatch.setattr("normlab.bench._lab.K", 2)
+    case = lab_cases(BenchOptions(quick=True))[1]  # the ConvNet
+    assert "ConvNet" in case.name
+    before = [p.detach().clone() for p in case.candidate.__defaults__[0].parameters()]  # type: ignore[union-attr]
+    case.candidate()
+    case.baseline()
+    after = list(case.candidate.__defaults__[0].parameters())  # type: ignore[union-attr]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert case.floor is not None and case.suite == "lab"

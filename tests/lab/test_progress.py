@@ -207,3 +207,27 @@ def test_lab_list_in_a_pipe_keeps_one_line_per_experiment(monkeypatch: pytest.Mo
     monkeypatch.delenv("COLUMNS", raising=False)
     result = CliRunner().invoke(app, ["lab", "list"])
     assert len(result.output.splitlines()) == 1 + len(REGISTRY)
+
+
+def test_the_ensemble_loop_reports_its_progress(synthetic: Any) -> None:
+    """train_ensemble reports how far it is (about 50 times), ending at 1: `lab run` moves within a unit."""
+    from normlab.lab.ensemble import TrainConfig, train_ensemble
+    from normlab.lab.models import mlp
+
+    seen: list[float] = []
+    models = [mlp(synthetic.in_features, 1, 8, synthetic.num_classes, seed=s) for s in (0, 1)]
+    with reporting_to(seen.append):
+        train_ensemble(models, synthetic, TrainConfig(steps=100, eval_every=None), seeds=[0, 1])
+    assert len(seen) == 50 and seen == sorted(seen) and seen[0] == 0.02 and seen[-1] == 1.0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_run_on_cuda_without_cuda_exits_2_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    out.mkdir()
+    result = CliRunner().invoke(
+        app, ["lab", "run", "small_batch", "--quick", "--device", "cuda", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "--device cuda: no CUDA device is available to torch here" in result.output
+    assert not any(out.iterdir())  # nothing trained, nothing claimed

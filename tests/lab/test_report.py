@@ -89,6 +89,7 @@ def test_check_json_has_the_fields_and_exit_0_when_every_claim_is_confirmed(
     up, ratio, same = rows
     assert up["experiment"] == "lab_toy" and up["claim"] == "up" and up["kind"] == "claim"
     assert up["dataset"] == "synthetic" and up["n"] == 5 and up["op"] == ">"
+    assert up["model"] == "mlp"
     assert (
         up["estimate"] == pytest.approx(0.104) and up["ci_low"] > 0 and up["verdict"] == "confirmed"
     )
@@ -195,7 +196,8 @@ def test_claims_rows_show_interval_threshold_origin_and_note() -> None:
         ],
     }
     (row,) = claims_rows([record])
-    assert row[2:] == [
+    assert row[2] == "MLP"  # a claim written without a model is an MLP's
+    assert row[3:] == [
         "s",
         "3",
         "0.0100",
@@ -205,3 +207,4 @@ def test_claims_rows_show_interval_threshold_origin_and_note() -> None:
         "inconclusive (1 of 4 seeds have no value)",
     ]
     assert check_rows([record])[0]["ci_low"] is None
+    assert check_rows([record])[0]["model"] == "mlp"

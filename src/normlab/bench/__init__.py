@@ -21,8 +21,8 @@ from ._core import (
     time_many,
     time_pair,
 )
-from ._ensemble import ensemble_cases
 from ._fold import fold_cases, fold_speedup
+from ._lab import lab_cases
 from ._model import model_cases
 from ._plot import plot_ratios
 from ._standardizer import standardizer_cases, standardizer_results
@@ -39,7 +39,7 @@ SUITES: dict[str, Callable[[BenchOptions], list[Case]]] = {
     "variants": variant_cases,
     "model": _models,
     "fold": fold_cases,
-    "ensemble": ensemble_cases,
+    "lab": lab_cases,
 }
 RESULT_SUITES: dict[str, Callable[[BenchOptions], list[Result]]] = {
     "allocator": allocator_results,

@@ -68,7 +68,9 @@ class Case:
 
     ``setup`` (optional) runs before each timed call of either side, untimed
     (e.g. zeroing gradients). ``traffic`` is the minimum memory traffic of the op,
-    for the bandwidth-efficiency columns.
+    for the bandwidth-efficiency columns; ``floor`` instead is the floor's own work
+    when it is not a memory traffic (e.g. a training step's matrix products alone),
+    timed interleaved with both sides the same way.
     """
 
     suite: str
@@ -79,6 +81,7 @@ class Case:
     setup: Callable[[], Any] | None = None
     traffic: Traffic | None = None
     baseline_label: str = "torch"
+    floor: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -173,7 +176,9 @@ def run_cases(
         if progress is not None:
             progress(case)
         fns = [case.baseline, case.candidate]
-        if case.traffic is not None:  # the floor runs interleaved with both sides
+        if case.floor is not None:  # the floor runs interleaved with both sides
+            fns.append(case.floor)
+        elif case.traffic is not None:
             fns.append(floor_op(case.traffic))
         base, cand, *rest = time_many(
             fns, repeats=options.repeats, warmup=options.warmup, setup=case.setup

@@ -109,6 +109,13 @@ class DatasetName(StrEnum):
     synthetic = "synthetic"
 
 
+class DeviceName(StrEnum):
+    """``--device``'s choices."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 def _complete_experiment(incomplete: str) -> list[str]:
     """Shell completion for experiment names (imports the registry only when asked)."""
     from .experiments import REGISTRY
@@ -285,6 +292,15 @@ def run(
             "machine shared with other jobs.",
         ),
     ] = 0,
+    device: Annotated[
+        DeviceName,
+        typer.Option(
+            metavar="DEVICE",
+            help="Where the batched ensembles train: cpu or cuda (each batch is sent there as it "
+            "is drawn; data order, noise, probes and results stay on the CPU, so a seed draws the "
+            "same batches on both). Without CUDA, cuda exits with status 2 before any work.",
+        ),
+    ] = DeviceName.cpu,
 ) -> None:
     """Run experiments; finished units are skipped (resume after an interruption with the same command).
 
@@ -309,6 +325,8 @@ def run(
         raise typer.BadParameter(
             f"--data-dir is only read for {', '.join(FILE_DATASETS)}; {data_name} is built in"
         )
+    if DeviceName(device) == DeviceName.cuda and not torch.cuda.is_available():
+        raise _error(RuntimeError("--device cuda: no CUDA device is available to torch here"))
     try:
         check_results_folder(out)
     except StoreError as exc:
@@ -338,6 +356,7 @@ def run(
                 on_wait=display.waiting,
                 on_start=display.start,
                 on_progress=display.advance,
+                device=DeviceName(device).value,
             ):
                 pass
         except (DatasetError, StoreError) as exc:
@@ -388,7 +407,8 @@ def check(
         typer.Option(
             "--json",
             metavar="",
-            help="Print a JSON list, one object per claim: experiment, claim, kind, dataset, n, "
+            help="Print a JSON list, one object per claim: experiment, claim, kind, dataset, model "
+            "(mlp or cnn), n, "
             "estimate, ci_low, ci_high, threshold, op, paper_value, verdict (null for a missing or "
             "infinite number).",
         ),

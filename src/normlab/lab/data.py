@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "FILE_DATASETS",
+    "IMAGE_DATASETS",
     "MAX_IDX_BYTES",
     "Dataset",
     "DatasetError",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
+IMAGE_DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")  # the ones a ConvNet trains on
 FILE_DATASETS = ("fashion-mnist", "mnist", "cifar10")  # read from files; the others are built in
 DEBIAN_DIR = Path("/usr/share/datasets")
 

@@ -1,4 +1,4 @@
-"""Models for the lab: an MLP factory and a small CNN, with every normalization the experiments compare."""
+"""Models for the lab: an MLP and a ConvNet factory, with every normalization the experiments compare."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ from .ensemble import StackedBatchNorm, channel_concat
 
 __all__ = [
     "ACTIVATIONS",
+    "CONVNET",
     "INITS",
     "NORMS",
     "MicroBatch",
-    "SmallCNN",
     "activation_module",
+    "convnet",
     "init_linear_",
     "mlp",
     "norm_layer",
 ]
 
+#: The ConvNet's architecture in a unit's config (a change here reruns the ConvNet units).
+CONVNET = "conv3x3 8-16 (8x8) / 8-16-32 (larger; over 16 px avg-pooled 2x2 first), BN-ReLU-maxpool, linear"
 NORMS = ("none", "bn", "bn_after", "renorm", "ghost", "layer", "group")
 INITS = ("torch", "he", "xavier", "lecun", "orthogonal", "normal", "standard")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -47,15 +50,19 @@ def activation_module(name: str) -> nn.Module:
         ) from None
 
 
-def norm_layer(norm: str, width: int, **kwargs: Any) -> nn.Module:
-    """The normalization layer ``norm`` over ``width`` features (``"bn"`` and ``"bn_after"`` are the same layer)."""
+def norm_layer(norm: str, width: int, *, images: bool = False, **kwargs: Any) -> nn.Module:
+    """The normalization layer ``norm`` over ``width`` features, or over ``width`` channels of
+    ``(N, C, H, W)`` images with ``images=True`` (``"bn"`` and ``"bn_after"`` are the same layer;
+    ``"layer"`` is for features only)."""
     if norm in ("bn", "bn_after"):
-        return nlnn.BatchNorm1d(width, **kwargs)
+        return (nlnn.BatchNorm2d if images else nlnn.BatchNorm1d)(width, **kwargs)
     if norm == "renorm":
-        return nlnn.BatchRenorm1d(width, **kwargs)
+        return (nlnn.BatchRenorm2d if images else nlnn.BatchRenorm1d)(width, **kwargs)
     if norm == "ghost":
-        return nlnn.GhostBatchNorm1d(width, **kwargs)
+        return (nlnn.GhostBatchNorm2d if images else nlnn.GhostBatchNorm1d)(width, **kwargs)
     if norm == "layer":
+        if images:
+            raise ValueError("norm 'layer' is for features; on images use 'group'")
         return nn.LayerNorm(width, **kwargs)
     if norm == "group":
         groups = kwargs.pop("num_groups", 8 if width % 8 == 0 else 1)
@@ -66,8 +73,9 @@ def norm_layer(norm: str, width: int, **kwargs: Any) -> nn.Module:
 class MicroBatch(nn.Module):
     """A batch-norm-family layer applied to micro-batches of ``size`` samples (Ioffe 2017, §4.2).
 
-    In training, a batch of ``N = G·size`` samples ``(N, C)`` is split into ``G`` contiguous
-    micro-batches, each normalized with its own statistics (Batch Renorm: corrected toward the
+    In training, a batch of ``N = G·size`` samples ``(N, C)`` or images ``(N, C, H, W)`` is split
+    into ``G`` contiguous micro-batches, each normalized with its own statistics (over ``size``
+    values per channel, or ``size·H·W`` for images) (Batch Renorm: corrected toward the
     running statistics as they were before this step). The running statistics move once per
     forward toward the mean over micro-batches of their means and unbiased variances — as
     synchronous workers averaging their updates, and as :class:`normlab.nn.GhostBatchNorm1d`
@@ -117,8 +125,8 @@ class MicroBatch(nn.Module):
             self._wide[groups] = wide
         return wide
 
-    def forward(self, x: Tensor) -> Tensor:  # (N, C)
-        n, c = x.shape
+    def forward(self, x: Tensor) -> Tensor:  # (N, C) or (N, C, H, W)
+        n, c, *spatial = x.shape
         if not self.training or n <= self.size:
             return self.norm(x)
         groups, rest = divmod(n, self.size)
@@ -138,15 +146,19 @@ class MicroBatch(nn.Module):
         for name, p in norm.named_parameters(recurse=False):
             setattr(wide, name, p.repeat(groups))  # gradients flow back to norm's parameter
         wide.train()
-        chunks = x.view(groups, self.size, c).transpose(0, 1).reshape(self.size, groups * c)
-        y = wide(chunks)  # (size, G·C)
+        chunks = (
+            x.view(groups, self.size, c, *spatial)
+            .transpose(0, 1)
+            .reshape(self.size, groups * c, *spatial)
+        )
+        y = wide(chunks)  # (size, G·C, *spatial)
         with torch.no_grad():
             for name, b, per_channel in buffers:
                 src = getattr(wide, name)
                 b.copy_(src.view(groups, c).mean(0) if per_channel else src)
         for name, _ in norm.named_parameters(recurse=False):
             setattr(wide, name, None)  # hold no graph between steps (and stay deep-copyable)
-        return y.view(self.size, groups, c).transpose(0, 1).reshape(n, c)
+        return y.view(self.size, groups, c, *spatial).transpose(0, 1).reshape(n, c, *spatial)
 
 
 def _gain(activation: str) -> float:
@@ -156,9 +168,9 @@ def _gain(activation: str) -> float:
 
 
 def init_linear_(
-    layer: nn.Linear, init: str | float, activation: str, generator: torch.Generator
+    layer: nn.Linear | nn.Conv2d, init: str | float, activation: str, generator: torch.Generator
 ) -> None:
-    """Initialize one Linear layer for the activation that follows it (:mod:`normlab.init`); biases 0.
+    """Initialize one Linear (or Conv2d: fan-in ``C_in·kh·kw``) layer for the activation that follows it (:mod:`normlab.init`); biases 0.
 
     ``init``: ``"torch"`` (PyTorch's default, left as constructed), ``"he"`` (N(0, gain²/fan_in),
     gain of the activation), ``"xavier"`` (Glorot normal, gain 1), ``"lecun"``, ``"orthogonal"``
@@ -250,36 +262,62 @@ def mlp(
     return model
 
 
-class SmallCNN(nn.Module):
-    """Two conv blocks and a linear head for 28×28 / 32×32 images (``norm``: none, bn, bn_after, group)."""
+def convnet(
+    image_shape: Sequence[int],
+    num_classes: int,
+    *,
+    channels: Sequence[int] | None = None,
+    activation: str = "relu",
+    norm: str = "none",
+    init: str | float = "torch",
+    seed: int = 0,
+    norm_kwargs: dict[str, Any] | None = None,
+    micro_batch: int | None = None,
+) -> nn.Sequential:
+    """A small VGG-style ConvNet on flattened images ``(N, C·H·W)``, e.g. a :class:`Dataset`'s rows.
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        *,
-        width: int = 32,
-        norm: str = "bn",
-        activation: str = "relu",
-    ) -> None:
-        super().__init__()
-        if norm not in ("none", "bn", "bn_after", "group"):
-            raise ValueError(f"SmallCNN supports norm none, bn, bn_after, group; got {norm!r}")
-        blocks: list[nn.Module] = []
-        c = in_channels
-        for out in (width, 2 * width):
-            blocks.append(nn.Conv2d(c, out, 3, padding=1, bias=norm in ("none", "bn_after")))
-            if norm == "bn":
-                blocks.append(nlnn.BatchNorm2d(out))
-            elif norm == "group":
-                blocks.append(nn.GroupNorm(8, out))
-            blocks.append(activation_module(activation))
-            if norm == "bn_after":
-                blocks.append(nlnn.BatchNorm2d(out))
-            blocks.append(nn.MaxPool2d(2))
-            c = out
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    ``nn.Unflatten`` to ``image_shape`` ``(C, H, W)``, then per stage ``Conv3x3 → norm →
+    activation → MaxPool2×2`` (the convolution has no bias when a norm follows it), then
+    ``Flatten → Linear`` on the last stage's ``C·H·W`` features. ``channels`` per stage defaults
+    to ``(8, 16)`` for images of at most 8×8 pixels (digits: 8 → 4 → 2) and ``(8, 16, 32)``
+    otherwise; images over 16 pixels high or wide are first average-pooled 2×2 (28×28: 14 → 7 →
+    3 → 1). Narrow and coarse, so that the lab's ConvNet track fits its time budget on two CPU
+    cores (at full resolution, Fashion-MNIST's ConvNet units took about 4× as long). ``norm`` as :func:`norm_layer` with ``images=True``
+    (``"layer"`` excluded); ``init``, ``seed``, ``norm_kwargs`` and ``micro_batch`` as :func:`mlp`.
+    Stacks into an :class:`~normlab.lab.ensemble.Ensemble` (grouped convolutions).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    Examples
+    --------
+    >>> net = convnet((1, 8, 8), 10, norm="bn", init="he")
+    >>> net(torch.rand(4, 64)).shape
+    torch.Size([4, 10])
+    """
+    if norm not in NORMS or norm in ("layer", "bn_after"):
+        raise ValueError(f"convnet supports norm none, bn, renorm, ghost, group; got {norm!r}")
+    if len(image_shape) != 3:
+        raise ValueError(f"convnet needs images (C, H, W), got shape {tuple(image_shape)}")
+    activation_module(activation)  # validate early
+    c, h, w = (int(v) for v in image_shape)
+    stages = tuple(channels) if channels is not None else (8, 16) if max(h, w) <= 8 else (8, 16, 32)
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
+    if max(h, w) > 16:
+        layers.append(nn.AvgPool2d(2))
+        h, w = h // 2, w // 2
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for out in stages:
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=norm == "none"))
+            if norm != "none":
+                layer = norm_layer(norm, out, images=True, **(norm_kwargs or {}))
+                if micro_batch is not None and isinstance(layer, _BatchNorm):
+                    layer = MicroBatch(layer, micro_batch)
+                layers.append(layer)
+            layers += [activation_module(activation), nn.MaxPool2d(2)]
+            c, h, w = out, h // 2, w // 2
+        layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
+    model = nn.Sequential(*layers)
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    weighted = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
+    for i, layer in enumerate(weighted):
+        init_linear_(layer, init, activation if i < len(weighted) - 1 else "identity", gen)
+    return model

@@ -16,7 +16,7 @@ from typing import Any
 
 from .experiments import REGISTRY
 from .experiments._claims import BOOTSTRAP_RESAMPLES, LEVEL_TEXT
-from .experiments._common import num
+from .experiments._common import MODEL_LABELS, num
 from .runner import load_claims, load_results
 from .store import LabWarning
 
@@ -28,6 +28,7 @@ CHECK_FIELDS = (
     "claim",
     "kind",
     "dataset",
+    "model",
     "n",
     "estimate",
     "ci_low",
@@ -57,6 +58,7 @@ def check_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "claim": claim["name"],
                     "kind": claim.get("kind", "claim"),
                     "dataset": rec["dataset"],
+                    "model": claim.get("model", "mlp"),  # claims written before the field: MLPs
                     "n": int(c["n"]),
                     "estimate": finite(c["estimate"]),
                     "ci_low": finite(c["ci_low"]),
@@ -83,7 +85,8 @@ def _threshold(claim: dict[str, Any], value: float) -> str:
 
 
 def claims_rows(records: Sequence[dict[str, Any]], *, kind: str | None = None) -> list[list[str]]:
-    """Table rows: experiment, dataset, claim, n, estimate, 95 % interval, threshold, paper value, verdict."""
+    """Table rows: experiment, dataset, model, claim, n, estimate, 95 % interval, threshold, paper value,
+    verdict."""
     rows = []
     for rec in records:
         for c in rec["claims"]:
@@ -95,6 +98,7 @@ def claims_rows(records: Sequence[dict[str, Any]], *, kind: str | None = None) -
                 [
                     rec["experiment"],
                     rec["dataset"] + (" (quick)" if rec.get("quick") else ""),
+                    MODEL_LABELS.get(claim.get("model", "mlp"), claim.get("model", "mlp")),
                     claim["statement"],
                     str(c["n"]),
                     num(c["estimate"]),
@@ -110,6 +114,7 @@ def claims_rows(records: Sequence[dict[str, Any]], *, kind: str | None = None) -
 HEAD = [
     "experiment",
     "dataset",
+    "model",
     "claim",
     "n",
     "estimate",

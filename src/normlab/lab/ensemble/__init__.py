@@ -5,18 +5,23 @@ K members run as one batched computation (:mod:`._stack`) trained with torch's o
 optimizers (:mod:`._train`). On small MLPs this is several times faster than training
 the members one after the other, with the same results up to rounding (tested).
 
-Shapes: ``x`` ``(K, N, F)``; hidden ``(K, N, C)``; logits ``(K, N, classes)``.
+Shapes: ``x`` ``(K, N, F)``; hidden ``(K, N, C)`` (images inside a ConvNet: ``(N, K·C, H, W)``);
+logits ``(K, N, classes)``.
 """
 
 from ._stack import (
     SHARED,
     Ensemble,
     StackedBatchNorm,
+    StackedConv2d,
+    StackedFlatten,
     StackedGroupNorm,
+    StackedImages,
     StackedLayer,
     StackedLayerNorm,
     StackedLinear,
     channel_concat,
+    member_major,
     register_stacker,
     stack_layers,
 )
@@ -29,6 +34,7 @@ from ._train import (
     member_batches,
     train_ensemble,
     train_step,
+    training_device,
 )
 
 __all__ = [
@@ -37,7 +43,10 @@ __all__ = [
     "MemberResult",
     "Probe",
     "StackedBatchNorm",
+    "StackedConv2d",
+    "StackedFlatten",
     "StackedGroupNorm",
+    "StackedImages",
     "StackedLayer",
     "StackedLayerNorm",
     "StackedLinear",
@@ -46,8 +55,10 @@ __all__ = [
     "evaluate",
     "make_optimizer",
     "member_batches",
+    "member_major",
     "register_stacker",
     "stack_layers",
     "train_ensemble",
     "train_step",
+    "training_device",
 ]

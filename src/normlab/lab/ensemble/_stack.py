@@ -5,6 +5,12 @@ Member ``k`` of every stacked tensor is row ``k``: activations are ``(K, N, C)``
 (``p.view(K, -1)[k]`` is member ``k``'s), so an elementwise optimizer or a
 per-member gradient scale acts on each member separately.
 
+Images (a member that starts with ``nn.Unflatten`` to ``(C, H, W)``) take one layout inside
+the ensemble, converted once on the way in and once at ``nn.Flatten``: ``(N, K·C, H, W)``,
+member ``k`` owning channels ``k·C … (k+1)·C − 1``. Every member's convolution is then one
+grouped convolution (``groups=K``), every member's batch norm one normlab ``BatchNorm2d``
+over ``K·C`` channels, and ReLU and pooling act on the whole tensor as on one image batch.
+
 A layer kind opts into stacking explicitly — nothing is deep-copied and hoped to
 work:
 
@@ -12,7 +18,8 @@ work:
   ``torch.nn`` batch norm and hence every normlab one, LayerNorm, GroupNorm), or
 * a ``stack(layers)`` classmethod on the layer's class (the lab's own stateful
   layers, e.g. :class:`normlab.lab.models.MicroBatch`), or
-* an elementwise activation without parameters (:data:`SHARED`), shared by all members.
+* a layer without parameters or state that acts on each value, or each channel, alone
+  (:data:`SHARED`: activations, pooling), shared by all members.
 
 Anything else raises ``TypeError`` naming the layer.
 
@@ -40,11 +47,15 @@ __all__ = [
     "SHARED",
     "Ensemble",
     "StackedBatchNorm",
+    "StackedConv2d",
+    "StackedFlatten",
     "StackedGroupNorm",
+    "StackedImages",
     "StackedLayer",
     "StackedLayerNorm",
     "StackedLinear",
     "channel_concat",
+    "member_major",
     "register_stacker",
     "stack_layers",
 ]
@@ -52,7 +63,8 @@ __all__ = [
 Stacker = Callable[[Sequence[Any]], "StackedLayer"]
 _STACKERS: dict[type, Stacker] = {}
 
-#: Elementwise activations without parameters or state: one instance serves every member.
+#: Layers without parameters or state that act on each value or each channel alone (activations,
+#: pooling): one instance serves every member, on ``(K, N, C)`` and ``(N, K·C, H, W)`` alike.
 SHARED: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.LeakyReLU,
@@ -64,6 +76,9 @@ SHARED: tuple[type[nn.Module], ...] = (
     nn.SiLU,
     nn.Softplus,
     nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
 )
 
 
@@ -174,7 +189,9 @@ class StackedBatchNorm(StackedLayer):
         self.body = wrap(self.norm) if wrap is not None else self.norm
         self._unwrap = unwrap
 
-    def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C), or images (N, K·C, H, W)
+        if x.dim() != 3:
+            return self.body(x)  # channel block k is member k already
         k, n, c = x.shape
         flat = x.transpose(0, 1).reshape(n, k * c)  # (N, K·C)
         return self.body(flat).view(n, k, c).transpose(0, 1)
@@ -244,12 +261,91 @@ class StackedGroupNorm(_StackedAffine):
 
     def __init__(self, layers: Sequence[nn.GroupNorm]) -> None:
         super().__init__(layers)
-        self.groups = layers[0].num_groups
+        self.groups, self.c = layers[0].num_groups, layers[0].num_channels
 
-    def forward(self, x: Tensor) -> Tensor:  # (K, N, C)
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C), or images (N, K·C, H, W)
+        if x.dim() == 4:  # member k's groups are groups k·G … (k+1)·G − 1 of K·G
+            k = self.weight.shape[0] if self.weight is not None else x.shape[1] // self.c
+            w = self.weight.reshape(-1) if self.weight is not None else None
+            b = self.bias.reshape(-1) if self.bias is not None else None
+            return F.group_norm(x, k * self.groups, w, b, self.eps)
         k, n, c = x.shape
         y = F.group_norm(x.reshape(k * n, c), self.groups, None, None, self.eps)
         return self._affine(y.view(k, n, c))
+
+
+@register_stacker(nn.Unflatten)
+class StackedImages(StackedLayer):
+    """K ``nn.Unflatten(1, (C, H, W))`` layers: ``(K, N, C·H·W) → (N, K·C, H, W)``, the ensemble's image
+    layout (module docstring); one copy of the batch, made once."""
+
+    def __init__(self, layers: Sequence[nn.Unflatten]) -> None:
+        super().__init__()
+        first = layers[0]
+        if first.dim not in (1, -1) or len(first.unflattened_size) != 3:
+            raise TypeError("StackedImages stacks nn.Unflatten(1, (C, H, W)) of (N, F) inputs only")
+        self.shape = tuple(int(v) for v in first.unflattened_size)
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C·H·W) -> (N, K·C, H, W)
+        k, n, _ = x.shape
+        c, h, w = self.shape
+        return x.reshape(k, n, c, h, w).transpose(0, 1).reshape(n, k * c, h, w)
+
+
+@register_stacker(nn.Flatten)
+class StackedFlatten(StackedLayer):
+    """K ``nn.Flatten()`` layers: ``(N, K·C, H, W) → (K, N, C·H·W)`` (member ``k``'s features in its
+    own order, ``C``, then ``H``, then ``W``), back to the layout of the stacked Linear layers."""
+
+    def __init__(self, layers: Sequence[nn.Flatten]) -> None:
+        super().__init__()
+        self.k = len(layers)
+        if layers[0].start_dim != 1 or layers[0].end_dim != -1:
+            raise TypeError("StackedFlatten stacks nn.Flatten(1, -1) only")
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, K·C, H, W) -> (K, N, C·H·W)
+        n = x.shape[0]
+        return x.reshape(n, self.k, -1).transpose(0, 1)
+
+
+@register_stacker(nn.Conv2d)
+class StackedConv2d(StackedLayer):
+    """K Conv2d layers as one grouped convolution on ``(N, K·C_in, H, W)``: ``weight``
+    ``(K·C_out, C_in/groups, kh, kw)`` and ``bias`` ``(K·C_out,)``, member ``k``'s block ``k``
+    (member-major)."""
+
+    def __init__(self, layers: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        first = layers[0]
+        if first.padding_mode != "zeros" or isinstance(first.padding, str):
+            raise TypeError("StackedConv2d stacks Conv2d layers with numeric zero padding only")
+        self.k = len(layers)
+        self.groups = self.k * first.groups
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]))
+        biases = [m.bias.detach() for m in layers if m.bias is not None]
+        self.bias = nn.Parameter(torch.cat(biases)) if first.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, K·C_in, H, W) -> (N, K·C_out, H', W')
+        return F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    @torch.no_grad()
+    def unstack(self, k: int, target: nn.Module) -> None:
+        assert isinstance(target, nn.Conv2d)
+        target.weight.copy_(self.weight.view(self.k, *target.weight.shape)[k])
+        if self.bias is not None and target.bias is not None:
+            target.bias.copy_(self.bias.view(self.k, -1)[k])
+
+
+def member_major(h: Tensor, k: int) -> Tensor:
+    """A stacked activation with the members first: ``(K, N, C)`` as it is; images
+    ``(N, K·C, H, W)`` as the view ``(K, N, C, H, W)``."""
+    if h.dim() != 4:
+        return h
+    n, kc, height, width = h.shape
+    return h.view(n, k, kc // k, height, width).transpose(0, 1)
 
 
 def _signature(model: nn.Sequential) -> list[tuple[str, tuple[int, ...]]]:
@@ -296,7 +392,8 @@ class Ensemble(nn.Module):
         return h
 
     def outputs(self, x: Tensor, *, train: bool = False) -> list[Tensor]:
-        """Every layer's output ``(K, N, C)`` on ``x``, without gradients, in eval mode (running statistics)
+        """Every layer's output ``(K, N, C)`` (images: ``(K, N, C, H, W)``, :func:`member_major`) on ``x``,
+        on the CPU wherever the ensemble is, without gradients, in eval mode (running statistics)
         or, with ``train=True``, in training mode (batch statistics) with every buffer restored afterwards:
         measuring never changes the model."""
         was = self.training
@@ -305,10 +402,10 @@ class Ensemble(nn.Module):
         out = []
         try:
             with torch.no_grad():
-                h = self._input(x)
+                h = self._input(x.to(next(self.parameters()).device))
                 for layer in self.layers:
                     h = layer(h)
-                    out.append(h)
+                    out.append(member_major(h, self.k).cpu())
                 for b, s in zip(self.buffers(), saved):
                     b.copy_(s)
         finally:
@@ -316,7 +413,8 @@ class Ensemble(nn.Module):
         return out
 
     def to_models(self) -> list[nn.Sequential]:
-        """The members as independent ``nn.Sequential`` models (copies, in this module's mode)."""
+        """The members as independent ``nn.Sequential`` models (copies on the CPU, in this module's
+        mode)."""
         out = []
         for k, template in enumerate(self._templates):
             model = copy.deepcopy(template)

@@ -11,11 +11,20 @@ Adam is invariant to gradient scale, so it takes one learning rate for all membe
 A seed's result can still change with its companions: batched matrix products
 round differently from single ones, and chaotic training amplifies rounding.
 Treat seeds as random draws.
+
+Device: :func:`training_device` (``normlab lab run --device``) moves the training — the stacked
+forward and backward, the optimizer, the evaluations — to an accelerator. Everything else stays on
+the CPU, so experiments need no device code: the data (each batch is sent as it is drawn), the data
+order and any noise (drawn from CPU generators: a seed draws the same on every device),
+:meth:`Ensemble.outputs` and :meth:`Ensemble.to_models` (CPU copies, for probes and hooks), and the
+ensemble ``train_ensemble`` returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import Dataset
+from ..progress import report_progress
 from ._stack import Ensemble
 
 __all__ = [
@@ -35,7 +45,28 @@ __all__ = [
     "member_batches",
     "train_ensemble",
     "train_step",
+    "training_device",
 ]
+
+_DEVICE: ContextVar[torch.device | None] = ContextVar("normlab_lab_device", default=None)
+
+
+@contextmanager
+def training_device(device: str | torch.device) -> Iterator[None]:
+    """Train the ensembles of :func:`train_ensemble` calls inside the block on ``device`` (module
+    docstring: only the training moves; data, probes and results stay on the CPU).
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
+    """
+    token = _DEVICE.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
 
 Probe = Callable[[int, Ensemble], list[dict[str, Any]]]
 
@@ -171,18 +202,19 @@ def evaluate(
     """
     was = ens.training
     ens.eval()
-    correct, loss = torch.zeros(ens.k), torch.zeros(ens.k)
+    device = next(ens.parameters()).device
+    correct, loss = torch.zeros(ens.k, device=device), torch.zeros(ens.k, device=device)
     n = int(y.shape[0])
     with torch.no_grad():
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             xx = x[lo:hi] if x.dim() == 2 else x[:, lo:hi] if which is None else x[which, lo:hi]
-            logits = ens(xx)  # (K, n, classes)
-            yy = y[lo : lo + chunk].expand(ens.k, -1)
+            logits = ens(xx.to(device))  # (K, n, classes)
+            yy = y[lo : lo + chunk].to(device).expand(ens.k, -1)
             correct += (logits.argmax(-1) == yy).sum(1).float()
             loss += F.cross_entropy(logits.transpose(1, 2), yy, reduction="none").sum(1)
     ens.train(was)
-    return correct / n, loss / n
+    return (correct / n).cpu(), (loss / n).cpu()
 
 
 def _member_data(
@@ -249,6 +281,12 @@ def train_ensemble(
         ``MemberResult.probes`` with the steps in ``probe_steps``.
     step_hook
         ``step_hook(step, ens)`` after every optimizer step.
+    progress
+        Show a tqdm bar (its label, if a string). Independently of it, the loop reports how far it
+        is with :func:`normlab.lab.progress.report_progress` about 50 times (a no-op outside
+        ``normlab lab run``).
+
+    The ensemble trains on the :func:`training_device` (the CPU by default) and is returned on the CPU.
 
     Returns
     -------
@@ -262,17 +300,18 @@ def train_ensemble(
     base, x_train_k, x_test_k, which = _member_data(data, k)
     n_train = len(base.y_train)
     total = config.total_steps(n_train)
-    ens = Ensemble(models).train()
+    device = _DEVICE.get() or torch.device("cpu")
+    ens = Ensemble(models).to(device).train()
     opt = make_optimizer(ens, config)
     if config.optimizer == "sgd":
-        scale, opt_lr = torch.tensor(lrs), 1.0
+        scale, opt_lr = torch.tensor(lrs, device=device), 1.0
     else:
-        scale, opt_lr = torch.ones(k), lrs[0]
+        scale, opt_lr = torch.ones(k, device=device), lrs[0]
     draw = member_batches(n_train, config.batch_size, seeds)
     results = [MemberResult(seed=int(s), lr=lr) for s, lr in zip(seeds, lrs)]
-    active = torch.ones(k, dtype=torch.bool)
+    active = torch.ones(k, dtype=torch.bool, device=device)
     initial: Tensor | None = None
-    running, since = torch.zeros(k), 0
+    running, since = torch.zeros(k, device=device), 0
     x_test = x_test_k if x_test_k is not None else base.x_test
     every = probe_every if probe_every is not None else config.eval_every
 
@@ -292,7 +331,7 @@ def train_ensemble(
                 r.test_acc.append(float(acc[i]))
                 r.test_loss.append(float(loss[i]))
                 r.train_loss.append(float(mean_train[i]) if since else float("nan"))
-        running, since = torch.zeros(k), 0
+        running, since = torch.zeros(k, device=device), 0
 
     def run_probe(step: int) -> None:
         assert probe is not None
@@ -314,6 +353,7 @@ def train_ensemble(
     if probe is not None:
         run_probe(0)
     done = 0
+    report_every = max(1, total // 50)
     for step in iterator:
         idx = draw(step)  # (K, B)
         if x_train_k is None:
@@ -321,7 +361,7 @@ def train_ensemble(
         else:
             assert which is not None
             x = x_train_k[which.unsqueeze(1), idx]
-        y = base.y_train[idx]
+        x, y = x.to(device), base.y_train[idx].to(device)
         factor = config.lr_schedule(step) if config.lr_schedule is not None else 1.0
         member_scale = scale if bool(active.all()) else scale * active
         lk = train_step(ens, opt, x, y, member_scale, opt_lr * factor)
@@ -333,11 +373,13 @@ def train_ensemble(
                 for i in torch.nonzero(bad).flatten().tolist():
                     results[i].diverged, results[i].diverged_step = True, step
                 active &= ~bad
-            running += torch.where(active, lk, torch.zeros(()))
+            running += torch.where(active, lk, torch.zeros((), device=device))
             since += 1
         if step_hook is not None:
             step_hook(step, ens)
         done = step + 1
+        if done % report_every == 0:
+            report_progress(done, total)
         if config.eval_every is not None and (done % config.eval_every == 0 or done == total):
             record(done)
         if probe is not None and ((every is not None and done % every == 0) or done == total):
@@ -358,4 +400,4 @@ def train_ensemble(
         r.final_test_acc = float(acc_test[i])
         if acc_train is not None:
             r.final_train_acc = float(acc_train[i])
-    return results, ens.eval()
+    return results, ens.cpu().eval()

@@ -18,6 +18,12 @@ How to add an experiment
      and the declared ``claims`` (each with the paper's own value beside our threshold).
 2. Decorate the class with :func:`register` and add its name to :data:`EXPERIMENTS`.
 
+An experiment that also runs on the ConvNet (:func:`normlab.lab.models.convnet`) adds units with
+``"model": "cnn"`` in their config (:func:`._common.model_units`: only on datasets of images; a unit
+without the key is an MLP's) and declares the ConvNet's claims with :meth:`Claim.for_model`
+(named ``<name>_cnn``); ``evaluate`` splits the results with :func:`._common.by_model` and gives
+each model's claims from its own units, in the declared order.
+
 Thresholds on absolute accuracy are written for digits; :func:`accuracy_level` lowers them by
 0.10 on fashion-mnist (differences and ratios stay as they are).
 """
@@ -90,12 +96,14 @@ class Experiment:
     def table(self, results: Results) -> str:
         return ""
 
-    def claim(self, name: str, dataset: str = "digits") -> Claim:
-        """The declared claim ``name``, its accuracy levels rendered for ``dataset``."""
+    def claim(self, name: str, dataset: str = "digits", model: str = "mlp") -> Claim:
+        """The declared claim ``name`` (on ``model``: ``"cnn"`` looks up ``<name>_cnn``), its
+        accuracy levels rendered for ``dataset``."""
+        full = name if model == "mlp" else f"{name}_{model}"
         for c in self.claims:
-            if c.name == name:
+            if c.name == full:
                 return c.for_dataset(dataset)
-        raise KeyError(f"{self.name} declares no claim {name!r}")
+        raise KeyError(f"{self.name} declares no claim {full!r}")
 
 
 REGISTRY: dict[str, Experiment] = {}

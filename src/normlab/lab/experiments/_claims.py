@@ -141,6 +141,9 @@ class Claim:
         ``"claim"`` (a reproduction) or ``"sanity"`` (holds by construction; listed apart).
     scale
         ``"log"``: per-seed values are ratios, averaged on the log scale.
+    model
+        The network the claim is measured on: ``"mlp"`` (the lab's MLPs) or ``"cnn"`` (its
+        ConvNet, :func:`normlab.lab.models.convnet`); :meth:`for_model` makes the ConvNet copy.
 
     ``statement`` and ``quantity`` may name absolute accuracy levels as ``{pct:0.90}`` (shown
     as "90%") or ``{level:0.80}`` (shown as "0.80"); :meth:`for_dataset` renders them at the
@@ -157,8 +160,11 @@ class Claim:
     threshold_origin: Literal["paper", "ours"] = "ours"
     kind: Literal["claim", "sanity"] = "claim"
     scale: Literal["linear", "log"] = "linear"
+    model: Literal["mlp", "cnn"] = "mlp"
 
     def __post_init__(self) -> None:
+        if self.model not in ("mlp", "cnn"):
+            raise ValueError(f"model must be 'mlp' or 'cnn', got {self.model!r}")
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
         if self.kind not in ("claim", "sanity"):
@@ -183,6 +189,19 @@ class Claim:
             self,
             statement=_LEVEL.sub(render, self.statement),
             quantity=_LEVEL.sub(render, self.quantity),
+        )
+
+    def for_model(self, model: Literal["mlp", "cnn"], paper_value: str | None = None) -> Claim:
+        """This claim measured on ``model``: named ``<name>_cnn`` for the ConvNet, its statement
+        marked "(ConvNet)"; ``paper_value`` replaces the paper's number when it differs."""
+        if model == "mlp":
+            return self
+        return replace(
+            self,
+            name=f"{self.name}_{model}",
+            statement=f"{self.statement} (ConvNet)",
+            model=model,
+            paper_value=self.paper_value if paper_value is None else paper_value,
         )
 
     # --- the three statistics ---------------------------------------------------------

@@ -14,14 +14,42 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MODELS",
     "activation_stats",
     "band",
+    "by_model",
     "fmt",
     "grouped",
     "md_table",
     "members",
+    "model_units",
     "num",
 ]
+
+#: The lab's two networks: its MLPs and its ConvNet (:func:`normlab.lab.models.convnet`).
+MODELS = ("mlp", "cnn")
+MODEL_LABELS = {"mlp": "MLP", "cnn": "ConvNet"}
+
+
+def by_model(
+    results: Iterable[tuple[dict[str, Any], Any]], model: str
+) -> list[tuple[dict[str, Any], Any]]:
+    """The units of ``model`` (a unit whose config has no ``"model"`` is an MLP's)."""
+    return [(cfg, m) for cfg, m in results if cfg.get("model", "mlp") == model]
+
+
+def model_units(configs: list[dict[str, Any]], dataset: str, **setup: Any) -> list[dict[str, Any]]:
+    """``configs`` again as ConvNet units (``"model": "cnn"``; their ``setup`` names the ConvNet's
+    version and holds ``setup``'s items), or none when ``dataset`` has no images."""
+    from ..data import IMAGE_DATASETS
+    from ..models import CONVNET
+
+    if dataset not in IMAGE_DATASETS:
+        return []
+    return [
+        {**cfg, "model": "cnn", "setup": {**cfg.get("setup", {}), "convnet": CONVNET, **setup}}
+        for cfg in configs
+    ]
 
 
 def members(

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..data import Dataset
 from ..ensemble import TrainConfig, train_ensemble
-from ..models import mlp
+from ..models import convnet, mlp
 from . import Claim, ClaimResult, Experiment, Results, as_floats, register
-from ._common import fmt, grouped, md_table, members
+from ._common import MODEL_LABELS, by_model, fmt, grouped, md_table, members, model_units
 
-__all__ = ["MICRO", "SmallBatch", "renorm_schedule"]
+__all__ = ["CNN_UNITS", "MICRO", "SmallBatch", "renorm_schedule"]
 
 BATCH = 32  # the gradient batch, fixed
 MICRO = (2, 4, 8, 32)  # samples per normalization
 QUICK_STEPS, FULL_STEPS = 800, 2000
+CNN_QUICK_STEPS, CNN_FULL_STEPS = 400, 1000  # the ConvNet's (the suite's time budget)
 MOMENTUM_STATS = 0.1  # α, the running averages' rate (BN and Renorm alike)
 WARMUP = round(5 / MOMENTUM_STATS)  # plain BN for 5/α steps
 D_END, R_END = 5 * WARMUP, 8 * WARMUP  # Ioffe's 25k and 40k for a 5k warm-up, scaled
@@ -29,12 +30,17 @@ LABELS = {
     "bn": "BatchNorm",
     "renorm": "Batch Renorm",
     "layer": "LayerNorm",
-    "group": "GroupNorm (10 groups)",
+    "group": "GroupNorm",
 }
 UNITS = (
     *((m, b) for m in ("bn", "renorm") for b in MICRO),
     *((m, b) for m in ("layer", "group") for b in (MICRO[0], MICRO[-1])),
 )
+PER_SAMPLE = dict.fromkeys(("layer", "group"), "— (as at every size)")
+# The ConvNet's units: what its claims need (GroupNorm is per-sample: one micro-batch size is all)
+CNN_UNITS = (("bn", MICRO[0]), ("bn", MICRO[-1]), ("renorm", MICRO[0]), ("group", MICRO[0]))
+CNN_GROUPS = 4  # 2 and 4 channels per group at 8 and 16 channels
+CNN_SETUP = {**SETUP, "groups": CNN_GROUPS}
 # Papers' points for the figure, error in % at each micro-batch size.
 WU_HE = {  # Wu & He 2018, Table 3 (ResNet-50, ImageNet), images per worker
     "BN (Wu & He)": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
@@ -90,7 +96,14 @@ class SmallBatch(Experiment):
         "GroupNorm (10 groups) are per-sample: at a fixed gradient batch they compute the same thing at "
         "every micro-batch size, so their flatness is a sanity check (trained at micro-batches 2 and 32). "
         "Accuracy in eval mode (running statistics). A diverged run has no accuracy and makes the claims "
-        "it enters inconclusive."
+        "it enters inconclusive. The ConvNet track (Wu & He's and Ioffe's own setting: convolutions, "
+        "where a micro-batch of 2 images still gives each channel 2·H·W values) runs the same schedule "
+        "on `normlab.lab.models.convnet` (digits: conv3×3-8 → BN → ReLU → max-pool → conv3×3-16 → BN → "
+        "ReLU → max-pool → linear; 28×28 images are average-pooled to 14×14 first and get a third stage of 32 channels), He init, GroupNorm "
+        "with 4 groups (2–8 channels per group; Wu & He use 32 groups of 2–64 channels), half the MLP's steps "
+        f"({CNN_QUICK_STEPS} quick, {CNN_FULL_STEPS} full; Renorm's schedule is complete by step "
+        f"{R_END}), for the suite's time budget, and only the units its claims need: BN at "
+        "micro-batches 2 and 32, Renorm and GroupNorm at 2."
     )
     paper_numbers = (
         "Wu & He 2018 (Table 3, ResNet-50 on ImageNet, images per worker 32/16/8/4/2): BN's error 23.6, "
@@ -98,9 +111,19 @@ class SmallBatch(Experiment):
         "micro-batches of 4): BN 74.2 %, Batch Renorm 76.5 %, BN on batches of 32: 78.3 % — Renorm "
         "recovers (76.5 − 74.2)/(78.3 − 74.2) = 0.56 of BN's loss."
     )
-    minutes_quick = 0.6
-    minutes_full = 1.9
-    claims = (
+    _GN = Claim(
+        "groupnorm_beats_bn",
+        "GroupNorm is more accurate than BN normalizing micro-batches of 2",
+        "Wu & He 2018, Table 3",
+        "accuracy(GN, micro 2) − accuracy(BN, micro 2), paired by seed",
+        ">",
+        0.0,
+        "Table 3: at 2 images per worker GN's error is 24.1 %, BN's 34.7 % (GN better by 10.6 points)",
+        threshold_origin="paper",
+    )
+    minutes_quick = 0.85  # MLP as before + ConvNet units (their share of a run)
+    minutes_full = 3.1
+    claims: ClassVar[tuple[Claim, ...]] = (
         Claim(
             "bn_drop",
             "BN normalizing micro-batches of 2 is less accurate than BN over the batch of 32",
@@ -140,14 +163,25 @@ class SmallBatch(Experiment):
             "Table 3: GN's error 24.0–24.2 % at every batch size",
             kind="sanity",
         ),
+        _GN,
+    )
+    claims = (
+        *claims,
+        *(c.for_model("cnn") for c in claims[:2]),  # bn_drop, renorm_recovery
+        _GN.for_model("cnn"),
     )
 
     def configs(self, *, quick: bool, seeds: list[int], dataset: str) -> list[dict[str, Any]]:
         steps = QUICK_STEPS if quick else FULL_STEPS
+        cnn_steps = CNN_QUICK_STEPS if quick else CNN_FULL_STEPS
+        cnn = [
+            {"method": m, "micro": b, "seeds": seeds, "steps": cnn_steps, "setup": CNN_SETUP}
+            for m, b in CNN_UNITS
+        ]
         return [
             {"method": m, "micro": b, "seeds": seeds, "steps": steps, "setup": SETUP}
             for m, b in UNITS
-        ]
+        ] + model_units(cnn, dataset)
 
     def run(
         self, config: dict[str, Any], data: Dataset, *, progress: bool = False
@@ -158,22 +192,39 @@ class SmallBatch(Experiment):
             kwargs["momentum"] = MOMENTUM_STATS
         if method == "renorm":
             kwargs["r_max"], kwargs["d_max"] = renorm_schedule()
-        if method == "group":
-            kwargs["num_groups"] = 10
-        models = [
-            mlp(
-                data.in_features,
-                3,
-                100,
-                data.num_classes,
-                norm=method,
-                init="he",
-                seed=s,
-                norm_kwargs=kwargs,
-                micro_batch=micro if micro < BATCH else None,
-            )
-            for s in config["seeds"]
-        ]
+        micro_batch = micro if micro < BATCH else None
+        if config.get("model", "mlp") == "cnn":
+            if method == "group":
+                kwargs["num_groups"] = CNN_GROUPS
+            models = [
+                convnet(
+                    data.image_shape,
+                    data.num_classes,
+                    norm=method,
+                    init="he",
+                    seed=s,
+                    norm_kwargs=kwargs,
+                    micro_batch=micro_batch,
+                )
+                for s in config["seeds"]
+            ]
+        else:
+            if method == "group":
+                kwargs["num_groups"] = 10
+            models = [
+                mlp(
+                    data.in_features,
+                    3,
+                    100,
+                    data.num_classes,
+                    norm=method,
+                    init="he",
+                    seed=s,
+                    norm_kwargs=kwargs,
+                    micro_batch=micro_batch,
+                )
+                for s in config["seeds"]
+            ]
         cfg = TrainConfig(
             optimizer="sgd",
             lr=LR,
@@ -203,10 +254,20 @@ class SmallBatch(Experiment):
         return {k: as_floats([r["final_test_acc"] for r in v]) for k, v in by.items()}
 
     def evaluate(self, results: Results, *, dataset: str) -> list[ClaimResult]:
+        found: dict[str, ClaimResult] = {}
+        for model in ("mlp", "cnn"):
+            found.update(self._evaluate_model(by_model(results, model), model, dataset))
+        return [found[c.name] for c in self.claims]
+
+    def _evaluate_model(self, results: Results, model: str, dataset: str) -> dict[str, ClaimResult]:
+        """The claims of ``model`` from its units (no units, e.g. no images: no values, inconclusive)."""
         acc = self._acc(results)
         small, large = MICRO[0], MICRO[-1]
         gain = np.asarray(paired(acc, ("renorm", small), ("bn", small)))
         gap = np.asarray(paired(acc, ("bn", large), ("bn", small)))
+
+        def claim(name: str) -> Claim:
+            return self.claim(name, dataset, model)
 
         def recovery(idx: np.ndarray) -> float:
             denominator = float(gap[idx].mean())
@@ -215,33 +276,57 @@ class SmallBatch(Experiment):
         n = len(gap)
         missing = int(np.isnan(gain).sum() + np.isnan(gap).sum())
         recovery_result = (
-            self.claim("renorm_recovery").check_bootstrap(n, recovery, values=list(gain))
-            if not missing
-            else self.claim("renorm_recovery").check([None] * n, note="a seed diverged")
+            claim("renorm_recovery").check_bootstrap(n, recovery, values=list(gain))
+            if not missing and n
+            else claim("renorm_recovery").check(
+                [None] * n, note="a seed diverged" if n else "no units"
+            )
         )
-        flat = {
-            m: [abs(d) for d in paired(acc, (m, small), (m, large))] for m in ("layer", "group")
-        }
-        return [
-            self.claim("bn_drop").check(gap.tolist()),
+        out = [
+            claim("bn_drop").check(gap.tolist()),
             recovery_result,
-            self.claim("layernorm_flat").check(flat["layer"]),
-            self.claim("groupnorm_flat").check(flat["group"]),
+            claim("groupnorm_beats_bn").check(paired(acc, ("group", small), ("bn", small))),
         ]
+        if model == "mlp":
+            flat = {
+                m: [abs(d) for d in paired(acc, (m, small), (m, large))] for m in ("layer", "group")
+            }
+            out += [
+                claim("layernorm_flat").check(flat["layer"]),
+                claim("groupnorm_flat").check(flat["group"]),
+            ]
+        return {c.claim.name: c for c in out}
 
     def table(self, results: Results) -> str:
-        acc = self._acc(results)
+        parts = []
+        for model in ("mlp", "cnn"):
+            acc = self._acc(by_model(results, model))
+            if acc:
+                groups = 10 if model == "mlp" else CNN_GROUPS
+                parts.append(f"**{MODEL_LABELS[model]}**\n\n" + self._table(acc, groups))
+        return "\n\n".join(parts)
+
+    @staticmethod
+    def _table(acc: dict[tuple[str, int], list[float]], groups: int) -> str:
         rows = [
-            [LABELS[m]] + [fmt(acc[(m, b)]) if (m, b) in acc else "— (as at 32)" for b in MICRO]
+            [LABELS[m]]
+            + [
+                fmt(acc[(m, b)]) if (m, b) in acc else PER_SAMPLE.get(m, "— (not run)")
+                for b in MICRO
+            ]
             for m in LABELS
+            if any(k[0] == m for k in acc)
         ]
         small, large = MICRO[0], MICRO[-1]
         gains = [
-            f"micro-batch {b}: {fmt(paired(acc, ('renorm', b), ('bn', b)))}" for b in MICRO[:-1]
+            f"micro-batch {b}: {fmt(paired(acc, ('renorm', b), ('bn', b)))}"
+            for b in MICRO[:-1]
+            if ("renorm", b) in acc
         ]
         return (
             md_table(["method"] + [f"micro-batch {b}" for b in MICRO], rows)
-            + f"\n\nTest accuracy, eval mode, gradient batch {BATCH}. Batch Renorm's gain over BN per seed, "
+            + f"\n\nTest accuracy, eval mode, gradient batch {BATCH}; GroupNorm with {groups} groups. "
+            + "Batch Renorm's gain over BN per seed, "
             + "; ".join(gains)
             + f". BN's loss from micro-batch {large} to {small}: "
             + fmt(paired(acc, ("bn", large), ("bn", small)))
@@ -249,14 +334,24 @@ class SmallBatch(Experiment):
         )
 
     def plot(self, results: Results, out_dir: Path) -> list[Path]:
+        paths = []
+        for model in ("mlp", "cnn"):
+            acc = self._acc(by_model(results, model))
+            if acc:
+                paths.append(self._plot(acc, model, out_dir))
+        return paths
+
+    @staticmethod
+    def _plot(acc: dict[tuple[str, int], list[float]], model: str, out_dir: Path) -> Path:
         from ..plots import new_figure, save
 
-        acc = self._acc(results)
         fig, (ax,) = new_figure(1, 1, width=9, height=5.5)
         rng = np.random.default_rng(0)
         for i, m in enumerate(LABELS):
             color = f"C{i}"
             sizes = [b for b in MICRO if (m, b) in acc]
+            if not sizes:
+                continue
             err = [100 * (1 - float(np.nanmean(acc[(m, b)]))) for b in sizes]
             ax.plot(sizes, err, "o-", color=color, lw=2, label=f"{LABELS[m]} (ours, seed mean)")
             for b in sizes:
@@ -281,11 +376,12 @@ class SmallBatch(Experiment):
         ax.set_xticks(ticks, [str(b) for b in ticks])
         ax.invert_xaxis()  # Wu & He's Fig. 1: the batch shrinks to the right
         ax.set(
-            title=f"Test error vs samples per normalization (gradient batch {BATCH}; dots: seeds)",
+            title=f"{MODEL_LABELS[model]}: test error vs samples per normalization "
+            f"(gradient batch {BATCH}; dots: seeds)",
             xlabel="samples per normalization",
             ylabel="error (%)",
         )
         ax.legend(fontsize=7, ncol=2)
-        path = out_dir / "small_batch.png"
+        path = out_dir / ("small_batch.png" if model == "mlp" else f"small_batch_{model}.png")
         save(fig, path)
-        return [path]
+        return path
