@@ -269,3 +269,19 @@ def test_micro_batch_renorm_uses_the_running_statistics_before_the_step() -> Non
         MicroBatch(nlnn.BatchNorm1d(5), 1)
     with pytest.raises(TypeError, match="MicroBatch wraps a batch-norm layer, got Linear"):
         MicroBatch(nn.Linear(2, 2), 2)  # type: ignore[arg-type]
+
+
+def test_functional_call_leaves_a_batch_norm_ensemble_as_it_was() -> None:
+    """Each stacked parameter has one name (a layer registered twice made torch.func's
+    functional_call turn the stacked γ/β into plain tensors)."""
+    from torch.func import functional_call
+
+    ens = Ensemble([mlp(8, 2, 16, 3, norm="bn", init="he", seed=s) for s in range(3)]).train()
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+    params = dict(ens.named_parameters())
+    x = torch.randn(3, 10, 8)
+    out = functional_call(ens, {k: v * 2.0 for k, v in params.items()}, (x,))
+    assert out.shape == (3, 10, 3)
+    for name, p in ens.named_parameters():
+        assert type(p) is nn.Parameter, name
+        torch.testing.assert_close(p, before[name])

@@ -183,11 +183,21 @@ class StackedBatchNorm(StackedLayer):
     ) -> None:
         super().__init__()
         self.k, self.c = len(layers), int(layers[0].num_features)
-        self.norm = channel_concat(layers)
-        if hasattr(self.norm, "nonfinite"):  # a diverged member must not stop the others' updates
-            setattr(self.norm, "nonfinite", "propagate")  # noqa: B010
-        self.body = wrap(self.norm) if wrap is not None else self.norm
+        norm = channel_concat(layers)
+        if hasattr(norm, "nonfinite"):  # a diverged member must not stop the others' updates
+            setattr(norm, "nonfinite", "propagate")  # noqa: B010
+        # One registered path to the parameters: ``norm`` is a plain reference into ``body``
+        # (registering it as a submodule too made ``torch.func.functional_call`` leave the
+        # stacked γ/β as plain tensors: it swaps tied names one by one and restores one).
+        self.body = wrap(norm) if wrap is not None else norm
+        self.__dict__["_norm"] = norm
         self._unwrap = unwrap
+
+    @property
+    def norm(self) -> _BatchNorm:
+        """The batch-norm layer over ``K·C`` channels (inside ``body``)."""
+        norm: _BatchNorm = self.__dict__["_norm"]
+        return norm
 
     def forward(self, x: Tensor) -> Tensor:  # (K, N, C), or images (N, K·C, H, W)
         if x.dim() != 3:

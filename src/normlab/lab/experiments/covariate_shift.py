@@ -58,9 +58,8 @@ def gradient_shift(ens: Ensemble, x: Tensor, y: Tensor, lr: float) -> dict[str, 
     batch (the layers from Linear ``i`` on as they were). Random layers (noise injection) see the same
     draws in every pass; running statistics, random generators and parameters are left as they were.
 
-    The weights are written into the ensemble's own parameters for each pass and restored afterwards
-    (``torch.func.functional_call`` is not used: it does not restore a batch norm that the stacked
-    layer registers under two names).
+    The weights are written into the ensemble's own parameters for each pass and restored
+    afterwards.
 
     Returns
     -------
