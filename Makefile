@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 # The main job: the lab's quick suite on the embedded digits data, then the report.
 demo: setup
-	$(BIN)/normlab lab run all --quick --out $(OUT)
+	$(BIN)/normlab lab run all --quick --out $(OUT) --workers 2
 	$(BIN)/normlab lab report --out $(OUT)
 
 lint: setup

@@ -473,6 +473,8 @@ _TOY_CLI = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
+    if os.environ.get("TOY_ONLY_CHILD_OF", str(os.getppid())) != str(os.getppid()):
+        sys.exit("toy: a worker that fails on start")
     sys.path.insert(0, {here!r})
     from test_store_runner import _Toy
     from normlab.lab.experiments import REGISTRY
@@ -634,3 +636,31 @@ def test_read_only_results_folder(tmp_path: Path) -> None:
     assert f"error: cannot write to the results folder {out / 'toy' / 'synthetic'}" in more[1]
     assert "Permission denied" in more[1] and "Traceback" not in more[1]
     assert not (out / "report.md").exists()
+
+
+def test_workers_option_shares_the_suite_among_processes(tmp_path: Path) -> None:
+    """--workers 3: this process and two more train the units between them, each once."""
+    out = tmp_path / "runs"
+    # no start barrier (the extra workers start from this process's command); units long
+    # enough for them to arrive while units are left
+    cmd = [*_toy_cli(tmp_path, units=9, sleep=1.5), *_RUN, "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--workers", "3"], env=_ENV, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    units = sorted(p for p in (out / "toy" / "synthetic").iterdir() if p.is_dir())
+    starts = [_starts(u) for u in units]
+    assert [len(s) for s in starts] == [1] * 9, starts  # every unit trained exactly once
+    assert len({s[0]["pid"] for s in starts}) >= 2  # by more than one process
+    assert "confirmed" in proc.stdout
+
+
+def test_a_failing_worker_is_named(tmp_path: Path) -> None:
+    """The extra worker dies on start: this process trains every unit, then fails naming it."""
+    out = tmp_path / "runs"
+    cmd = [*_toy_cli(tmp_path, units=2), *_RUN, "--out", str(out), "--workers", "2"]
+    env = {**_ENV, "TOY_ONLY_CHILD_OF": str(os.getpid())}  # processes this one did not start fail
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "worker 2 exited with status 1: toy: a worker that fails on start" in proc.stderr
+    assert len([p for p in (out / "toy" / "synthetic").iterdir() if p.is_dir()]) == 2
