@@ -141,3 +141,10 @@ def test_as_dict_is_json_ready() -> None:
     d = _claim(">", 0.0, kind="sanity").check([0.1, 0.2, 0.3]).as_dict()
     assert d["claim"]["kind"] == "sanity" and d["claim"]["paper_value"] == "paper value"
     assert {"n", "estimate", "ci_low", "ci_high", "threshold", "verdict", "method"} <= set(d)
+
+
+def test_a_rate_without_runs_keeps_the_reason() -> None:
+    """A claim measured only in some runs says why it has no value (not a bare "no runs")."""
+    claim = Claim("c", "s", "p", "q", ">", 0.5, "v")
+    assert claim.check_rate([], note="full runs only").note == "full runs only"
+    assert claim.check_rate([]).note == "no runs"

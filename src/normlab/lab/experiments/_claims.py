@@ -264,7 +264,7 @@ class Claim:
                 "inconclusive",
                 "rate",
                 [],
-                "no runs",
+                note or "no runs",
             )
         ci = stats.binomtest(k, n).proportion_ci(LEVEL, method="wilson")
         lo, hi = float(ci.low), float(ci.high)
