@@ -321,7 +321,11 @@ class _BatchNormTrain(torch.autograd.Function):
 # ``apply`` then calls: the C ``_FunctionBase.apply`` bound to the class, after unwrapping
 # dead functorch wrappers. (Overriding ``apply`` instead breaks dynamo's tracing.)
 _apply_positional = super(torch.autograd.Function, _BatchNormTrain).apply
-_unwrap_dead_wrappers = torch._functorch.utils.unwrap_dead_wrappers
+# private torch helpers (present since torch 2.1); without them, torch's own apply is used
+_unwrap_dead_wrappers: Any = getattr(
+    getattr(torch, "_functorch", None) and torch._functorch.utils, "unwrap_dead_wrappers", None
+)
+_transforms_active: Any = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _closed_form_backward(
@@ -463,7 +467,12 @@ def train(
     if plain and plan.kernel.differentiable:  # ATen: its C++ autograd is the closed form
         y, mean, var, _ = plan.kernel.forward_train(x, weight, bias, plan.eps)
         return TrainResult(y, mean.detach(), var.detach(), None)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if (
+        _unwrap_dead_wrappers is None
+        or _transforms_active is None
+        or torch.compiler.is_compiling()
+        or _transforms_active()
+    ):
         outputs = _BatchNormTrain.apply(x, weight, bias, mask, plan)
     else:  # torch's apply without its per-call signature binding (see _apply_positional)
         outputs = _apply_positional(*_unwrap_dead_wrappers((x, weight, bias, mask, plan)))
