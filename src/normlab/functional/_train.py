@@ -315,8 +315,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 # torch's ``Function.apply`` binds the arguments to ``forward``'s signature on every call when
-# ``setup_context`` is defined (``inspect.signature`` + ``bind``: 40-170 us of a small
-# Renorm/Ghost/BN+act forward and backward, measured). :func:`train` passes all five
+# ``setup_context`` is defined (``inspect.signature`` + ``bind``: 40-60 us of a small
+# Renorm/Ghost/BN+act forward and backward, min of 30 alternating trials). :func:`train` passes all five
 # arguments positionally, so outside dynamo and functorch transforms it calls what torch's
 # ``apply`` then calls: the C ``_FunctionBase.apply`` bound to the class, after unwrapping
 # dead functorch wrappers. (Overriding ``apply`` instead breaks dynamo's tracing.)

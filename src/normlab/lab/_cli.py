@@ -393,15 +393,6 @@ def run(
         threads = threads or 1
     if threads:
         torch.set_num_threads(threads)
-    helpers = _start_workers(
-        workers - 1,
-        [*chosen, "--dataset", data_name, "--out", str(out), "--threads", str(threads)]
-        + (["--quick"] if quick else [])
-        + (["--force"] if force else [])
-        + ([] if seeds is None else ["--seeds", str(seeds)])
-        + ([] if data_dir is None else ["--data-dir", str(data_dir)])
-        + ["--device", DeviceName(device).value],
-    )
     seed_list = list(range(seeds if seeds is not None else (QUICK_SEEDS if quick else FULL_SEEDS)))
     console = _console()
     start = time.perf_counter()
@@ -411,7 +402,17 @@ def run(
         n = len(exp.configs(quick=quick, seeds=seed_list, dataset=data_name))
         minutes = getattr(exp, "minutes_quick" if quick else "minutes_full", None) or 0.5
         units[name] = (n, 60.0 * float(minutes))
-    with _lab_warnings(console), _RunDisplay(units, console) as display, helpers:
+    helpers = _start_workers(
+        workers - 1,
+        [*chosen, "--dataset", data_name, "--out", str(out), "--threads", str(threads)]
+        + (["--quick"] if quick else [])
+        + (["--force"] if force else [])
+        + ([] if seeds is None else ["--seeds", str(seeds)])
+        + ([] if data_dir is None else ["--data-dir", str(data_dir)])
+        + ["--device", DeviceName(device).value],
+    )
+    # the workers first: stopped however the rest of the block ends
+    with helpers, _lab_warnings(console), _RunDisplay(units, console) as display:
         try:
             for _ in run_suite(
                 chosen,
