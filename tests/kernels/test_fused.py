@@ -7,7 +7,7 @@ import torch
 
 import normlab.nn as nlnn
 from normlab.functional import Activation, batch_norm, batch_norm_train, resolve_kernel
-from normlab.functional._backend import FUSED_MIN_NUMEL
+from normlab.functional._backend import FUSED_MIN_NUMEL, FUSED_NCHW_FP32_MIN_NUMEL
 from normlab.kernels import FusedKernel, KernelError, _build, fused_available
 
 pytestmark = pytest.mark.skipif(
@@ -211,6 +211,16 @@ def test_auto_policy() -> None:
     assert resolve_kernel("auto", nhwc).name == "fused"
     small = torch.randn(8, 16)
     assert resolve_kernel("auto", small).name == "native"
+    planes = torch.randn(8, 64, 14, 14)  # fp32 NCHW: fused from FUSED_NCHW_FP32_MIN_NUMEL
+    assert planes.numel() >= FUSED_NCHW_FP32_MIN_NUMEL > planes[:2].numel()
+    assert resolve_kernel("auto", planes).name == "fused"
+    assert resolve_kernel("auto", planes[:2]).name == "native"
+    assert (
+        resolve_kernel("auto", planes.contiguous(memory_format=torch.channels_last)).name
+        == "native"
+    )
+    assert resolve_kernel("auto", planes.bfloat16()).name == "native"
+    assert resolve_kernel("auto", torch.randn(256, 64, 2, 2)).name == "native"  # 2x2 planes
     assert resolve_kernel("auto", small, variant=True).name == "fused"  # BN+act, Ghost, Renorm
     assert resolve_kernel("auto", small.half(), variant=True).name == "fused"
     mask = torch.ones(big.shape[0], dtype=torch.bool)
@@ -305,3 +315,75 @@ def test_train_streamed(shape: tuple[int, ...], layout: str, dtype: torch.dtype)
     torch.testing.assert_close(dx, dxr, rtol=tol * 10, atol=tol * 10)
     torch.testing.assert_close(dw, dwr, rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(db, dbr, rtol=1e-3, atol=1e-2)
+
+
+# --- the running statistics' update in one C++ call (after a fused training step) --------------
+@pytest.mark.parametrize("momentum", [0.1, 1.0, None], ids=["0.1", "1.0", "cumulative"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_running_statistics_over_steps_match_torch(
+    momentum: float | None, dtype: torch.dtype
+) -> None:
+    ref = torch.nn.BatchNorm1d(6, momentum=momentum, dtype=dtype)
+    ours = nlnn.BatchNorm1d(6, momentum=momentum, backend="fused", dtype=dtype)
+    for step in range(5):
+        x = (torch.randn(16, 6, dtype=dtype) * (step + 1)) + step
+        ref(x), ours(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
+def test_one_call_update_agrees_with_the_tensor_path(policy: str) -> None:
+    """The C++ ``update_running`` against :func:`update_running_stats_` on the same statistics."""
+    import warnings
+
+    from normlab.functional import update_running_stats_
+    from normlab.functional._running import update_running_on_host_
+
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(40, generator=g), torch.rand(40, generator=g) + 0.1
+    mean[3], var[17], mean[30] = float("nan"), float("inf"), float("-inf")
+    results = []
+    for one_call in (True, False):
+        g.manual_seed(1)
+        rm, rv, count = (
+            torch.randn(40, generator=g),
+            torch.rand(40, generator=g) + 1,
+            torch.tensor(4),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if one_call:
+                    assert update_running_on_host_(
+                        rm, rv, count, mean, var, 0.25, 16 / 15, nonfinite=policy, owner="layer"
+                    )
+                else:
+                    update_running_stats_(
+                        rm, rv, mean, var * (16 / 15), 0.25, nonfinite=policy, owner="layer"
+                    )
+                    count += 1
+                raised = None
+            except FloatingPointError as error:
+                raised = str(error)
+        messages = [str(w.message) for w in caught]
+        results.append((rm, rv, raised, messages, int(count) if raised is None else None))
+    (rm1, rv1, err1, msg1, _), (rm2, rv2, err2, msg2, _) = results
+    torch.testing.assert_close(rm1, rm2, equal_nan=True)
+    torch.testing.assert_close(rv1, rv2, equal_nan=True)
+    assert err1 == err2 and msg1 == msg2
+    if policy != "propagate":
+        assert "3, 17, 30" in (err1 or msg1[0])
+
+
+def test_one_call_update_checks_its_arguments() -> None:
+    update = _build.host_function("update_running")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="matching dtypes"):
+        update(rm, rv, None, torch.zeros(3), torch.ones(3), 0.1, 1.0, 0)
+    with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
+        update(rm, rv, None, torch.zeros(4), torch.ones(4), -1.0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="int64 scalar"):
+        update(rm, rv, torch.zeros(2), torch.zeros(4), torch.ones(4), 0.1, 1.0, 0)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))

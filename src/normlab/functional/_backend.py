@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "FUSED_BF16_MIN_SPATIAL",
     "FUSED_MIN_NUMEL",
+    "FUSED_NCHW_FP32_MIN_NUMEL",
     "Backend",
     "BatchNormKernel",
     "register_kernel",
@@ -263,6 +264,11 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "native", "fused")
 # C++ autograd does not pay. Layers that run the Function anyway (activation, chunks,
 # correction) take the fused kernels at every size.
 FUSED_MIN_NUMEL = 1 << 20
+# fp32 NCHW (planes of at least FUSED_NCHW_MIN_SPATIAL values) from far fewer: ATen's CPU
+# training kernel is slowest there (measured: fwd+bwd 0.87x and fwd 0.52x of torch at
+# (8, 64, 14, 14), equal fwd+bwd and 0.6x fwd at 2^16 elements; docs/performance.md)
+FUSED_NCHW_FP32_MIN_NUMEL = 1 << 16
+FUSED_NCHW_MIN_SPATIAL = 16
 # bf16 NCHW with short spatial runs stays on ATen (measured slower, docs/performance.md)
 FUSED_BF16_MIN_SPATIAL = 1024
 _FUSED_AUTO_DTYPES = (torch.float32, torch.bfloat16)
@@ -298,6 +304,19 @@ def register_kernel(name: str, kernel: BatchNormKernel) -> None:
     _KERNELS[name] = kernel
 
 
+def _large_enough(x: Tensor) -> bool:
+    n = x.numel()
+    if n >= FUSED_MIN_NUMEL:
+        return True
+    return (
+        n >= FUSED_NCHW_FP32_MIN_NUMEL
+        and x.dtype == torch.float32
+        and x.dim() > 2
+        and x.is_contiguous()
+        and n // (x.shape[0] * x.shape[1]) >= FUSED_NCHW_MIN_SPATIAL
+    )
+
+
 def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
     if not FusedKernel.serves_input(x):
         return False
@@ -325,7 +344,8 @@ def resolve_kernel(
     and inside ``torch.func`` transforms (vmap/grad need pure ops); ATen (``native``) under
     ``torch.compile`` (Inductor generates its own kernel from ATen's); the ``fused`` C++
     kernels for CPU input they serve when they are built and either the input is large
-    (fp32/bf16, ``FUSED_MIN_NUMEL`` elements) or ``variant`` (the call runs normlab's
+    (fp32/bf16, ``FUSED_MIN_NUMEL`` elements; fp32 NCHW with planes of 16 values or more from
+    ``FUSED_NCHW_FP32_MIN_NUMEL``) or ``variant`` (the call runs normlab's
     autograd Function anyway: an activation, chunks, a correction); else ``native``.
 
     ``differentiable``: the call needs a kernel whose ``forward_eval`` autograd can
@@ -378,7 +398,7 @@ def resolve_kernel(
             return _KERNELS["native"]
         if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad need pure ops
             return _KERNELS["reference"]
-        if (variant or x.numel() >= FUSED_MIN_NUMEL) and _auto_prefers_fused(x, variant):
+        if (variant or _large_enough(x)) and _auto_prefers_fused(x, variant):
             return _KERNELS["native"] if differentiable else _KERNELS["fused"]
         return _KERNELS["native"]
     kernel = _resolve(backend, x, mask)

@@ -23,7 +23,13 @@ from ._activation import Activation
 from ._backend import resolve_kernel
 from ._checks import check_channels, check_input, check_mask
 from ._reference import channel_view
-from ._running import _commit, _on_host, _warn_skipped, update_running_stats_
+from ._running import (
+    _commit,
+    _on_host,
+    _warn_skipped,
+    update_running_on_host_,
+    update_running_stats_,
+)
 from ._train import Plan, Reducer, train
 from ._variants import Limit, _limit, ghost_chunks, renorm_correction
 
@@ -293,6 +299,20 @@ def _forward(
     if tracking:
         assert running_mean is not None and running_var is not None
         mean, var = result.mean, result.var
+        if chunks is None and result.total is None:  # one C++ call where it can
+            bessel = n / (n - 1) if spec.unbiased_running_var else 1.0
+            if update_running_on_host_(
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                mean,
+                var,
+                spec.momentum,
+                bessel,
+                nonfinite=spec.nonfinite,
+                owner=spec.name,
+            ):
+                return result.y
         with torch.no_grad():
             if chunks is not None:  # Ghost: the mean over chunks of their statistics
                 per_sample = x.numel() // (x.shape[0] * x.shape[1])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import host_function
 from ._checks import check_choice
 
 __all__ = ["NONFINITE", "NonFinite", "nonfinite_channels", "update_running_stats_"]
@@ -132,6 +133,57 @@ def update_running_stats_(
     return _commit(running_mean, running_var, new_mean, new_var, ok, nonfinite, owner)
 
 
+_POLICY = {"propagate": 0, "skip": 1, "raise": 2}  # the C++ update's codes
+
+
+def update_running_on_host_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float | None,
+    unbias: float,
+    *,
+    nonfinite: str,
+    owner: str,
+) -> bool:
+    """:func:`update_running_stats_` with ``var·unbias`` and the batch count, in one C++ call.
+
+    After a fused training step on CPU the tensor path costs ~8 dispatched ops (~30 µs on a
+    small layer); the compiled ``update_running`` reads the statistics, decides per channel
+    and writes the buffers in one call, with the same policies. Returns False, changing
+    nothing, where it does not apply (no compiled kernels, buffers off the host or not
+    contiguous, ``momentum=None`` without a counter): the caller takes the tensor path.
+    """
+    if not _on_host(running_mean):  # first: dynamo must not trace the cached lookup below
+        return False
+    update = host_function("update_running")
+    if (
+        update is None
+        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        or running_mean.dtype != running_var.dtype
+        or (momentum is None and num_batches_tracked is None)
+    ):
+        return False
+    bad = update(
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        mean,
+        var,
+        -1.0 if momentum is None else momentum,
+        unbias,
+        _POLICY[nonfinite],
+    )
+    if bad and nonfinite != "propagate":
+        ok = torch.isfinite(mean) & torch.isfinite(var)
+        if nonfinite == "raise":
+            _raise_nonfinite(owner, ok)
+        _warn_skipped(owner, ok, stacklevel=5)
+    return True
+
+
 def _on_host(t: Tensor) -> bool:
     """Decisions about ``t`` may be taken on the host (CPU, eager, outside ``torch.func``)."""
     return (
@@ -164,25 +216,28 @@ def _commit(
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
         return True
-    channels = _bad_channels(ok)
     if nonfinite == "raise":
-        raise FloatingPointError(
-            f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {channels} in "
-            "training; the running statistics were left unchanged (nonfinite='raise')"
-        )
+        _raise_nonfinite(owner, ok)
     running_mean.copy_(torch.where(ok, new_mean, running_mean))
     running_var.copy_(torch.where(ok, new_var, running_var))
     _warn_skipped(owner, ok)
     return bool(ok.any())
 
 
-def _warn_skipped(owner: str, ok: Tensor) -> None:
+def _raise_nonfinite(owner: str, ok: Tensor) -> None:
+    raise FloatingPointError(
+        f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {_bad_channels(ok)} in "
+        "training; the running statistics were left unchanged (nonfinite='raise')"
+    )
+
+
+def _warn_skipped(owner: str, ok: Tensor, stacklevel: int = 6) -> None:
     warnings.warn(
         f"{owner}: non-finite batch statistics (NaN/Inf) in channel(s) {_bad_channels(ok)} in "
         "training; those channels' running statistics were left unchanged for this batch "
         "(nonfinite='skip')",
         RuntimeWarning,
-        stacklevel=6,
+        stacklevel=stacklevel,
     )
 
 

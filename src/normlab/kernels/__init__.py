@@ -6,7 +6,14 @@ cache (:mod:`._build`: ``normlab kernels build``, ``normlab kernels status``). K
 import from the rest of normlab.
 """
 
-from ._build import KernelError, KernelStatus, build_kernels, kernel_status, require_fused
+from ._build import (
+    KernelError,
+    KernelStatus,
+    build_kernels,
+    host_function,
+    kernel_status,
+    require_fused,
+)
 from ._fused import FusedKernel, fused_available
 from ._native import NativeKernel
 
@@ -17,6 +24,7 @@ __all__ = [
     "NativeKernel",
     "build_kernels",
     "fused_available",
+    "host_function",
     "kernel_status",
     "require_fused",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "KernelStatus",
     "build_kernels",
     "cache_dir",
+    "host_function",
     "kernel_status",
     "load_fused",
     "require_fused",
@@ -58,10 +59,18 @@ __all__ = [
 log = logging.getLogger("normlab")
 
 SOURCE = Path(__file__).with_name("batch_norm_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG", "-fno-math-errno"]
 #: the ops a usable library registers in ``torch.ops.normlab_fused``, and its module's functions
 OPS = ("forward_train", "backward_train", "stats", "forward_eval", "invert_act")
-FUNCTIONS = ("aten_train",)
+FUNCTIONS = (
+    "aten_train",
+    "update_running",
+    "forward_train",
+    "backward_train",
+    "forward_eval",
+    "stats",
+    "invert_act",
+)
 _STALE_BUILD_SECONDS = 3600.0
 _MODULE: Any = None  # the extension module, once imported in this process
 
@@ -310,6 +319,34 @@ def load_fused() -> Any | None:
         else:
             log.debug("normlab: fused kernels unavailable (%s); falling back to ATen", error)
     return ops
+
+
+@functools.cache
+def host_function(name: str) -> Any:
+    """The compiled extension module's function ``name`` (one of ``FUNCTIONS``: a pybind call
+    of ~1 µs, for eager CPU code), or ``None`` when the kernels cannot be used.
+
+    Parameters
+    ----------
+    name : str
+        A name in ``FUNCTIONS``.
+
+    Returns
+    -------
+    callable or None
+
+    Examples
+    --------
+    >>> import torch
+    >>> from normlab.kernels import host_function
+    >>> update = host_function("update_running")
+    >>> rm, rv = torch.zeros(2), torch.ones(2)
+    >>> bad = update and update(rm, rv, None, torch.tensor([1.0, 2.0]), torch.ones(2), 0.5, 1.0, 0)
+    >>> update is None or (bad == 0 and rm.tolist() == [0.5, 1.0])
+    True
+    """
+    fused = load_fused()
+    return None if fused is None else getattr(fused.module, name)
 
 
 def require_fused(*, announce: bool = True) -> Any:

@@ -49,6 +49,13 @@ def fused_available() -> bool:
 _NONE, _LEAKY, _SILU = 0, 1, 2  # the C++ activation codes
 
 
+def _entry(name: str) -> Any:
+    """The C++ entry point ``name``: the pybind function in eager code (a ``torch.ops`` call
+    costs ~15 µs of boxing), the registered op inside ``torch.compile``."""
+    fused = require_fused()
+    return getattr(fused.ops if torch.compiler.is_compiling() else fused.module, name)
+
+
 def _act(act: Any) -> tuple[int, float]:
     """The C++ kernels' ``(act, slope)`` arguments (ReLU is leaky ReLU with slope 0)."""
     if act is None or act.name == "identity":
@@ -107,7 +114,7 @@ class FusedKernel:
     def stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(mean, biased var)`` in one pass of shifted sums (the forward's reduction alone)."""
         assert mask is None, "the fused kernels take no mask"
-        mean, var = require_fused().stats(x)
+        mean, var = _entry("stats")(x)
         return mean, var
 
     @staticmethod
@@ -122,9 +129,7 @@ class FusedKernel:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(y, mean, var_biased, invstd)``; with ``chunks`` the statistics are ``(G·C,)``."""
         assert mask is None, "the fused kernels take no mask"
-        y, mean, var, invstd = require_fused().forward_train(
-            x, weight, bias, eps, *_act(act), chunks
-        )
+        y, mean, var, invstd = _entry("forward_train")(x, weight, bias, eps, *_act(act), chunks)
         return y, mean, var, invstd
 
     @staticmethod
@@ -143,7 +148,7 @@ class FusedKernel:
         """Closed-form ``(dx, dweight, dbias)`` in two passes (γ/β gradients summed over chunks)."""
         assert mask is None, "the fused kernels take no mask"
         want_w = needs[1] and weight is not None
-        dx, dw, db = require_fused().backward_train(
+        dx, dw, db = _entry("backward_train")(
             dy, x, weight, bias, mean, invstd, *_act(act), [needs[0], want_w, needs[2]], chunks
         )
         if weight is not None:  # grads in the parameters' dtype (fp32 stats for bf16 input)
@@ -162,7 +167,7 @@ class FusedKernel:
         act: Any = None,
     ) -> Tensor:
         """``f((x - mean) * weight / sqrt(var + eps) + bias)`` in one pass (not differentiable)."""
-        out: Tensor = require_fused().forward_eval(x, mean, var, weight, bias, eps, *_act(act))
+        out: Tensor = _entry("forward_eval")(x, mean, var, weight, bias, eps, *_act(act))
         return out
 
     @staticmethod
@@ -180,5 +185,5 @@ class FusedKernel:
         if act is not None and act.name != "identity" and not leaky:
             return None
         slope = 1.0 if act is None or act.name == "identity" else float(act.param)
-        x: Tensor = require_fused().invert_act(y, mean, invstd, weight, bias, slope)
+        x: Tensor = _entry("invert_act")(y, mean, invstd, weight, bias, slope)
         return x

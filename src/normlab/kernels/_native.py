@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._build import load_fused
+from ._build import host_function
 
 __all__ = ["NativeKernel"]
 
@@ -88,7 +87,7 @@ class NativeKernel:
         """Whether :meth:`train_and_update` on CPU checks every per-channel tensor against the
         input's channels itself (the compiled call does; ATen's own ``native_batch_norm`` does
         not, and would read out of bounds)."""
-        return _aten_train() is not None
+        return host_function("aten_train") is not None
 
     @staticmethod
     def train_and_update(
@@ -113,7 +112,7 @@ class NativeKernel:
         op); elsewhere the buffers are backed up and restored here.
         """
         aten_train = (  # dynamo cannot trace the compiled call: ATen's own op in graphs
-            None if torch.compiler.is_compiling() else _aten_train()
+            None if torch.compiler.is_compiling() else host_function("aten_train")
         )
         if aten_train is not None and x.device.type == "cpu" and running_mean.device.type == "cpu":
             result: tuple[Tensor, Tensor, Tensor, int] = aten_train(
@@ -213,13 +212,6 @@ class NativeKernel:
     ) -> Tensor | None:
         """ATen has no inverse: the reference's serves."""
         return None
-
-
-@functools.cache
-def _aten_train() -> Any:
-    """The compiled ``aten_train`` (a pybind function) when the kernels are built, else None."""
-    fused = load_fused()
-    return None if fused is None else fused.module.aten_train
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
