@@ -60,6 +60,16 @@ def test_conv_ensemble_equals_its_members(
         convnet(digits.image_shape, 10, channels=(4, 8), norm=norm, init="he", seed=s, **extra)
         for s in range(k)
     ]
+    if norm == "renorm":
+        # With the default running statistics (0, 1) and unclipped r, d, Renorm's output where
+        # the convolution gives exactly 0 (blank digit borders) is 0 in exact arithmetic: its
+        # sign after rounding, hence ReLU's gradient, flips between kernels and layouts. Other
+        # running statistics move that value away from 0.
+        for m in members:
+            for layer in m.modules():
+                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                    layer.running_mean.fill_(0.3)
+                    layer.running_var.fill_(2.0)
     alone = [copy.deepcopy(m).train() for m in members]
     ens = Ensemble(members).train()
     assert any(isinstance(layer, StackedConv2d) for layer in ens.layers)

@@ -296,10 +296,16 @@ class StackedImages(StackedLayer):
             raise TypeError("StackedImages stacks nn.Unflatten(1, (C, H, W)) of (N, F) inputs only")
         self.shape = tuple(int(v) for v in first.unflattened_size)
 
-    def forward(self, x: Tensor) -> Tensor:  # (K, N, C·H·W) -> (N, K·C, H, W)
+    def forward(self, x: Tensor) -> Tensor:  # (K, N, C·H·W) -> (N, K·C, H, W), channels_last
         k, n, _ = x.shape
         c, h, w = self.shape
-        return x.reshape(k, n, c, h, w).transpose(0, 1).reshape(n, k * c, h, w)
+        # channels_last memory: torch's CPU max-pool (and its backward) ran 7x faster on it than
+        # on NCHW at the lab's shapes, and the whole ConvNet step 1.4x faster
+        out = torch.empty(
+            (n, k * c, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+        out.view(n, k, c, h, w).copy_(x.reshape(k, n, c, h, w).transpose(0, 1))
+        return out
 
 
 @register_stacker(nn.Flatten)
