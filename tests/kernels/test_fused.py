@@ -387,3 +387,47 @@ def test_one_call_update_checks_its_arguments() -> None:
     with pytest.raises(RuntimeError, match="int64 scalar"):
         update(rm, rv, torch.zeros(2), torch.zeros(4), torch.ones(4), 0.1, 1.0, 0)
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+
+
+@pytest.mark.parametrize("channels", [16, 48, 64, 128, 144], ids=str)  # 144: the generic loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_short_rows_statistics_match_float64(channels: int, dtype: torch.dtype) -> None:
+    """channels_last / (N, C) with 16-128 channels keep their sums in registers: same statistics
+    (float64 reference, a large mean without cancellation, NaN/Inf as torch)."""
+    g = torch.Generator().manual_seed(channels)
+    for rows in (1, 3, 64, 65, 1000):
+        x = (torch.randn(rows, channels, generator=g, dtype=torch.float64) * 3 + 1e4).to(dtype)
+        mean, var = FusedKernel.stats(x)
+        ref = x.double()
+        tol = 1e-6 if dtype == torch.float32 else 1e-4
+        torch.testing.assert_close(mean.double(), ref.mean(0), rtol=tol, atol=0)
+        torch.testing.assert_close(
+            var.double(), ref.var(0, unbiased=False), rtol=1e-3, atol=1e-4 * (rows > 1)
+        )
+    images = torch.randn(4, channels, 5, 3, generator=g).to(dtype)
+    images[1, 3, 2, 1], images[2, 5, 0, 0] = float("nan"), float("inf")
+    images = images.contiguous(memory_format=torch.channels_last)
+    mean, var = FusedKernel.stats(images)
+    ref_mean, ref_var = torch.batch_norm_update_stats(images.float(), None, None, 0.0)
+    torch.testing.assert_close(mean, ref_mean, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, ref_var, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape", [(8, 32, 5, 7), (3, 64, 4, 4), (5, 128, 3, 3), (65, 16), (130, 112)], ids=str
+)
+def test_short_rows_backward_matches_torch(shape: tuple[int, ...]) -> None:
+    """The backward's register sums (16-128 channels, channels_last or (N, C)) against torch."""
+    layout = "channels_last" if len(shape) == 4 else "contiguous"
+    x = _input(shape, layout)
+    ref, ours = TORCH_BN[len(shape)](shape[1]), OURS_BN[len(shape)](shape[1], backend="fused")
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(ref.state_dict())
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dy = torch.randn_like(x)
+    ref(xr).backward(dy)
+    ours(xo).backward(dy)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)

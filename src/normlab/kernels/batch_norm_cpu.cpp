@@ -560,6 +560,130 @@ inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t
   return moments(s, q, static_cast<double>(N) * S);
 }
 
+#if defined(__AVX512F__)
+// Short rows (C = 16·V channels, V <= 8: channels_last stages of 16-128 channels): the shifted
+// sums stay in registers across rows instead of a load and a store of each accumulator per row
+// (the generic loop ran at ~2.3-2.6x a read-only sum there, this one at ~1.1x). With V <= 2 two
+// sets for alternate rows, so that consecutive adds do not wait on each other. Float partial
+// sums over at most 64 rows are flushed into the double totals, as in rows_shifted_sums.
+template <typename T, int V>
+inline void rows_shifted_sums_short(const T* x, int64_t rows, const float* shift, double* s, double* q) {
+  constexpr int64_t C = 16 * V;
+  constexpr int K = V <= 2 ? 2 : 1;  // accumulator sets
+  __m512 sh[V];
+  for (int v = 0; v < V; ++v) sh[v] = _mm512_loadu_ps(shift + 16 * v);
+  alignas(64) float ts[C], tq[C];
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+    const int64_t r1 = std::min(rows, r0 + 64);
+    __m512 a[K][V], b[K][V];
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < V; ++v) a[k][v] = b[k][v] = _mm512_setzero_ps();
+    int64_t r = r0;
+    for (; r + K <= r1; r += K) {
+      for (int k = 0; k < K; ++k) {
+        const T* p = x + (r + k) * C;
+        for (int v = 0; v < V; ++v) {
+          const __m512 d = _mm512_sub_ps(load16(p + 16 * v), sh[v]);
+          a[k][v] = _mm512_add_ps(a[k][v], d);
+          b[k][v] = _mm512_fmadd_ps(d, d, b[k][v]);
+        }
+      }
+    }
+    for (; r < r1; ++r) {
+      for (int v = 0; v < V; ++v) {
+        const __m512 d = _mm512_sub_ps(load16(x + r * C + 16 * v), sh[v]);
+        a[0][v] = _mm512_add_ps(a[0][v], d);
+        b[0][v] = _mm512_fmadd_ps(d, d, b[0][v]);
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      for (int k = 1; k < K; ++k) {
+        a[0][v] = _mm512_add_ps(a[0][v], a[k][v]);
+        b[0][v] = _mm512_add_ps(b[0][v], b[k][v]);
+      }
+      _mm512_store_ps(ts + 16 * v, a[0][v]);
+      _mm512_store_ps(tq + 16 * v, b[0][v]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      s[c] += ts[c];
+      q[c] += tq[c];
+    }
+  }
+}
+
+// The backward's sums over short rows, plain batch norm: a += dy, b += dy·(x - mean), kept in
+// registers across rows like rows_shifted_sums_short.
+template <typename T, int V>
+inline void rows_grad_sums_short(const T* dy, const T* x, int64_t rows, const float* mean, double* a, double* b) {
+  constexpr int64_t C = 16 * V;
+  constexpr int K = V <= 2 ? 2 : 1;
+  __m512 mu[V];
+  for (int v = 0; v < V; ++v) mu[v] = _mm512_loadu_ps(mean + 16 * v);
+  alignas(64) float ta[C], tb[C];
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+    const int64_t r1 = std::min(rows, r0 + 64);
+    __m512 sa[K][V], sb[K][V];
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < V; ++v) sa[k][v] = sb[k][v] = _mm512_setzero_ps();
+    auto row = [&](int k, int64_t r) {
+      for (int v = 0; v < V; ++v) {
+        const __m512 g = load16(dy + r * C + 16 * v);
+        sa[k][v] = _mm512_add_ps(sa[k][v], g);
+        sb[k][v] = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + r * C + 16 * v), mu[v]), sb[k][v]);
+      }
+    };
+    int64_t r = r0;
+    for (; r + K <= r1; r += K)
+      for (int k = 0; k < K; ++k) row(k, r + k);
+    for (; r < r1; ++r) row(0, r);
+    for (int v = 0; v < V; ++v) {
+      for (int k = 1; k < K; ++k) {
+        sa[0][v] = _mm512_add_ps(sa[0][v], sa[k][v]);
+        sb[0][v] = _mm512_add_ps(sb[0][v], sb[k][v]);
+      }
+      _mm512_store_ps(ta + 16 * v, sa[0][v]);
+      _mm512_store_ps(tb + 16 * v, sb[0][v]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] += ta[c];
+      b[c] += tb[c];
+    }
+  }
+}
+
+template <typename T>
+inline bool rows_grad_sums_fast(const T* dy, const T* x, int64_t rows, int64_t C, const float* mean, double* a,
+                                double* b) {
+  switch (C) {
+    case 16: rows_grad_sums_short<T, 1>(dy, x, rows, mean, a, b); return true;
+    case 32: rows_grad_sums_short<T, 2>(dy, x, rows, mean, a, b); return true;
+    case 48: rows_grad_sums_short<T, 3>(dy, x, rows, mean, a, b); return true;
+    case 64: rows_grad_sums_short<T, 4>(dy, x, rows, mean, a, b); return true;
+    case 80: rows_grad_sums_short<T, 5>(dy, x, rows, mean, a, b); return true;
+    case 96: rows_grad_sums_short<T, 6>(dy, x, rows, mean, a, b); return true;
+    case 112: rows_grad_sums_short<T, 7>(dy, x, rows, mean, a, b); return true;
+    case 128: rows_grad_sums_short<T, 8>(dy, x, rows, mean, a, b); return true;
+    default: return false;
+  }
+}
+
+// rows_shifted_sums_short for C in {16, 32, ..., 128}; false (nothing done) for other C.
+template <typename T>
+inline bool rows_shifted_sums_fast(const T* x, int64_t rows, int64_t C, const float* shift, double* s, double* q) {
+  switch (C) {
+    case 16: rows_shifted_sums_short<T, 1>(x, rows, shift, s, q); return true;
+    case 32: rows_shifted_sums_short<T, 2>(x, rows, shift, s, q); return true;
+    case 48: rows_shifted_sums_short<T, 3>(x, rows, shift, s, q); return true;
+    case 64: rows_shifted_sums_short<T, 4>(x, rows, shift, s, q); return true;
+    case 80: rows_shifted_sums_short<T, 5>(x, rows, shift, s, q); return true;
+    case 96: rows_shifted_sums_short<T, 6>(x, rows, shift, s, q); return true;
+    case 112: rows_shifted_sums_short<T, 7>(x, rows, shift, s, q); return true;
+    case 128: rows_shifted_sums_short<T, 8>(x, rows, shift, s, q); return true;
+    default: return false;
+  }
+}
+#endif
+
 // ROWS: M rows of C channels; shift[c] = the first row's value.
 template <typename T>
 std::vector<Moments> rows_moments(const T* px, int64_t M, int64_t C, std::vector<acc_t<T>>& shift) {
@@ -568,6 +692,11 @@ std::vector<Moments> rows_moments(const T* px, int64_t M, int64_t C, std::vector
   for (int64_t c = 0; c < C; ++c) shift[c] = finite_or_zero(load(px[c]));
   std::vector<double> s, q;
   rows_reduce<T>(M, C, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq, A* cs, A* cq) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+      if (rows_shifted_sums_fast<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq)) return;
+    }
+#endif
     rows_shifted_sums<T>(px + r0 * C, r1 - r0, C, shift.data(), ps, pq, cs, cq);
   });
   std::vector<Moments> out(C);
@@ -820,6 +949,11 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
     }
     std::vector<double> a, b;
     rows_reduce<T>(M, C, a, b, [&](int64_t r0, int64_t r1, double* pa, double* pb, A* ca, A* cb) {
+#if defined(__AVX512F__)
+      if constexpr (ACT == kNone && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+        if (rows_grad_sums_fast<T>(pgg + r0 * C, pxg + r0 * C, r1 - r0, C, mean.data(), pa, pb)) return;
+      }
+#endif
       rows_grad_sums<T, ACT>(pgg + r0 * C, pxg + r0 * C, r1 - r0, C, mean.data(), scale.data(), bet.data(), sl, pa,
                              pb, ca, cb);
     });
