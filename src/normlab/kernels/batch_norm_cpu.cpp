@@ -232,18 +232,20 @@ inline void grad_sums(const T* dy, const T* x, int64_t len, acc_t<T> mean, acc_t
   }
 }
 
-// y = act(((x - shift) - dm) * scale + beta); mean = shift + dm, split so that x - shift is exact
+// y = act((x - shift) * scale + bias). In training shift is a value of the batch (x - shift is
+// exact near it) and bias = beta - (mean - shift) * scale, formed in double: no cancellation of
+// large values, one operand fewer than ((x - shift) - (mean - shift)) * scale + beta.
 template <typename T, int ACT>
-inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T> dm, acc_t<T> scale,
-                          acc_t<T> beta, acc_t<T> slope) {
+inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T> scale, acc_t<T> beta,
+                          acc_t<T> slope) {
   using A = acc_t<T>;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && ACT != kSilu) {  // short runs (7x7 planes): a masked tail
-    const __m512 sh = _mm512_set1_ps(shift), d = _mm512_set1_ps(dm), sc = _mm512_set1_ps(scale);
+    const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale);
     const __m512 b = _mm512_set1_ps(beta), sl = _mm512_set1_ps(slope);
     for (int64_t i = 0; i < len; i += 16) {
       const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh), d);
+      const __m512 xc = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh);
       __m512 v = _mm512_fmadd_ps(xc, sc, b);
       if constexpr (ACT == kLeaky) {
         const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -256,7 +258,7 @@ inline void normalize_run(const T* x, T* y, int64_t len, acc_t<T> shift, acc_t<T
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    y[i] = store<T>(act_fwd<ACT>(((load(x[i]) - shift) - dm) * scale + beta, slope));
+    y[i] = store<T>(act_fwd<ACT>((load(x[i]) - shift) * scale + beta, slope));
   }
 }
 
@@ -314,27 +316,26 @@ constexpr bool kStreamBf16 = false;
 inline void stream16(c10::BFloat16*, __m512) {}
 #endif
 
-// y[i] = act(((x[i] - shift[i]) - dm[i]) * scale[i] + beta[i]); per-channel operands are
-// arrays indexed with stride `cs` (0: one channel for the whole run, 1: a row of channels).
+// y[i] = act((x[i] - shift[i]) * scale[i] + beta[i]) (see normalize_run); per-channel operands
+// are arrays indexed with stride `cs` (0: one channel for the whole run, 1: a row of channels).
 template <typename T, bool ACT>
-inline void normalize_stream(const T* x, T* y, int64_t len, const float* shift, const float* dm,
-                             const float* scale, const float* beta, int64_t cs, float slope) {
+inline void normalize_stream(const T* x, T* y, int64_t len, const float* shift, const float* scale,
+                             const float* beta, int64_t cs, float slope) {
   int64_t i = 0;
   auto one = [&](int64_t k) {
     const int64_t c = k * cs;
-    y[k] = store<T>(act1<ACT>(((load(x[k]) - shift[c]) - dm[c]) * scale[c] + beta[c], slope));
+    y[k] = store<T>(act1<ACT>((load(x[k]) - shift[c]) * scale[c] + beta[c], slope));
   };
   for (; i < len && (reinterpret_cast<uintptr_t>(y + i) & 63); ++i) one(i);
   const __m512 vsl = _mm512_set1_ps(slope);
   for (; i + 16 <= len; i += 16) {
-    __m512 sh, d, sc, b;
+    __m512 sh, sc, b;
     if (cs) {
-      sh = _mm512_loadu_ps(shift + i), d = _mm512_loadu_ps(dm + i);
-      sc = _mm512_loadu_ps(scale + i), b = _mm512_loadu_ps(beta + i);
+      sh = _mm512_loadu_ps(shift + i), sc = _mm512_loadu_ps(scale + i), b = _mm512_loadu_ps(beta + i);
     } else {
-      sh = _mm512_set1_ps(*shift), d = _mm512_set1_ps(*dm), sc = _mm512_set1_ps(*scale), b = _mm512_set1_ps(*beta);
+      sh = _mm512_set1_ps(*shift), sc = _mm512_set1_ps(*scale), b = _mm512_set1_ps(*beta);
     }
-    const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(load16(x + i), sh), d);
+    const __m512 xc = _mm512_sub_ps(load16(x + i), sh);
     stream16(y + i, act16<ACT>(_mm512_fmadd_ps(xc, sc, b), vsl));
   }
   for (; i < len; ++i) one(i);
@@ -485,14 +486,14 @@ inline void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, con
 
 template <typename T, int ACT>
 inline void rows_normalize(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const acc_t<T>* shift,
-                           const acc_t<T>* dm, const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope) {
+                           const acc_t<T>* scale, const acc_t<T>* beta, acc_t<T> slope) {
   using A = acc_t<T>;
   for (int64_t r = r0; r < r1; ++r) {
     const T* px = x + r * C;
     T* py = y + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      py[c] = store<T>(act_fwd<ACT>(((load(px[c]) - shift[c]) - dm[c]) * scale[c] + beta[c], slope));
+      py[c] = store<T>(act_fwd<ACT>((load(px[c]) - shift[c]) * scale[c] + beta[c], slope));
     }
   }
 }
@@ -749,21 +750,18 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
         pv[j] = static_cast<A>(var);
         pi[j] = static_cast<A>(invstd);
         const A scale = static_cast<A>(gamma[c] * invstd);
-        const A dmean = static_cast<A>(dm);
+        const A bias = static_cast<A>(beta[c] - dm * gamma[c] * invstd);
         for (int64_t i = 0; i < N; ++i) {
           const int64_t off = (i * C + c) * S;
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
             if (stream) {
-              const float bb = static_cast<float>(beta[c]);
-              normalize_stream<T, ACT == kLeaky>(pxg + off, pyg + off, S, &shift, &dmean, &scale, &bb, 0,
-                                                 float(slope));
+              normalize_stream<T, ACT == kLeaky>(pxg + off, pyg + off, S, &shift, &scale, &bias, 0, float(slope));
               continue;
             }
           }
 #endif
-          normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, dmean, scale, static_cast<A>(beta[c]),
-                                static_cast<A>(slope));
+          normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, scale, bias, static_cast<A>(slope));
         }
       }
       if (stream) stream_fence();
@@ -774,17 +772,16 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
     const int64_t M = sizes[g] * S;
     const T* pxg = px + starts[g] * S * C;
     T* pyg = py + starts[g] * S * C;
-    std::vector<A> shift, dmean(C), scale(C), bet(C);
+    std::vector<A> shift, scale(C), bet(C);
     const auto mom = rows_moments<T>(pxg, M, C, shift);
     for (int64_t c = 0; c < C; ++c) {
       const auto [dm, var] = mom[c];
       const double invstd = 1.0 / std::sqrt(var + eps);
-      dmean[c] = static_cast<A>(dm);
       pm[g * C + c] = static_cast<A>(shift[c] + dm);
       pv[g * C + c] = static_cast<A>(var);
       pi[g * C + c] = static_cast<A>(invstd);
       scale[c] = static_cast<A>(gamma[c] * invstd);
-      bet[c] = beta[c];
+      bet[c] = static_cast<A>(beta[c] - dm * gamma[c] * invstd);
     }
     const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(C, 1));
     at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
@@ -792,15 +789,14 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
         if (stream) {
           for (int64_t r = r0; r < r1; ++r)
-            normalize_stream<T, ACT == kLeaky>(pxg + r * C, pyg + r * C, C, shift.data(), dmean.data(),
-                                               scale.data(), bet.data(), 1, float(slope));
+            normalize_stream<T, ACT == kLeaky>(pxg + r * C, pyg + r * C, C, shift.data(), scale.data(),
+                                               bet.data(), 1, float(slope));
           stream_fence();
           return;
         }
       }
 #endif
-      rows_normalize<T, ACT>(pxg, pyg, r0, r1, C, shift.data(), dmean.data(), scale.data(), bet.data(),
-                             static_cast<A>(slope));
+      rows_normalize<T, ACT>(pxg, pyg, r0, r1, C, shift.data(), scale.data(), bet.data(), static_cast<A>(slope));
     });
   }
 }
@@ -1044,7 +1040,7 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   const A sl = static_cast<A>(slope);
   const bool stream = ACT != kSilu && use_stream<T>(y, sh);  // the streaming paths fuse leaky ReLU only
-  std::vector<A> m(C), z(C, A(0)), s(C), b(C);
+  std::vector<A> m(C), s(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
     m[c] = static_cast<A>(mean[c]);
     s[c] = static_cast<A>(scale[c]);
@@ -1070,15 +1066,15 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
         if (stream) {
-          normalize_stream<T, ACT == kLeaky>(px + j * len, py + j * len, len, &m[c], &z[c], &s[c], &b[c], cs, float(slope));
+          normalize_stream<T, ACT == kLeaky>(px + j * len, py + j * len, len, &m[c], &s[c], &b[c], cs, float(slope));
           continue;
         }
       }
 #endif
       if (ncs)
-        normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], A(0), s[c], b[c], sl);
+        normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], s[c], b[c], sl);
       else
-        rows_normalize<T, ACT>(px, py, j, j + 1, C, m.data(), z.data(), s.data(), b.data(), sl);
+        rows_normalize<T, ACT>(px, py, j, j + 1, C, m.data(), s.data(), b.data(), sl);
     }
     if (stream) stream_fence();
   });
