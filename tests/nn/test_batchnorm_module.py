@@ -353,3 +353,19 @@ def test_torch_compile_matches_eager() -> None:
     m.eval()
     ref.eval()
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mode_calls_keep_the_cached_spec_and_a_mode_change_is_seen() -> None:
+    """``train()``/``eval()`` on every call (a benchmark loop, evaluation between steps) must not
+    rebuild the layer's settings each time; a change of mode must still reach the forward."""
+    m = nlnn.BatchNorm2d(3)
+    m.eval()
+    spec = m._spec()
+    m.eval()
+    assert m._spec() is spec and not spec.training
+    m.train()
+    x = torch.randn(4, 3, 2, 2) + 5
+    m(x)
+    assert m._spec().training and m.running_mean.abs().sum() > 0
+    m.eps = 0.5  # a setting the spec holds: rebuilt
+    assert m._spec().eps == 0.5

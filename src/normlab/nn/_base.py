@@ -426,9 +426,8 @@ class ActivationOptions:
 
 
 # the attributes a LayerSpec is built from: setting one drops the cached spec
-_SPEC_ATTRIBUTES = frozenset(
+_SPEC_ATTRIBUTES = frozenset(  # not "training": the spec is checked against the mode at each call
     {
-        "training",
         "num_features",
         "eps",
         "momentum",
