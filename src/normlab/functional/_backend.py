@@ -13,7 +13,7 @@ from typing import Literal, Protocol, cast
 import torch
 from torch import Tensor
 
-from ..kernels import FusedKernel, NativeKernel, fused_available, require_fused
+from ..kernels import FusedKernel, NativeKernel, fused_available, host_function, require_fused
 from ._activation import Activation
 from ._checks import check_choice
 from ._reference import ReferenceKernel
@@ -269,8 +269,11 @@ FUSED_MIN_NUMEL = 1 << 20
 # (8, 64, 14, 14), equal fwd+bwd and 0.6x fwd at 2^16 elements; docs/performance.md)
 FUSED_NCHW_FP32_MIN_NUMEL = 1 << 16
 FUSED_NCHW_MIN_SPATIAL = 16
-# bf16 NCHW with short spatial runs stays on ATen (measured slower, docs/performance.md)
+# bf16 NCHW with planes of 256 to 1023 values stays on ATen (measured slower,
+# docs/performance.md); planes under 256 take the kernels' masked short-run path where it is
+# compiled (AVX-512 with BF16: measured 0.66-0.92x torch fwd+bwd at 7x7 and 14x14)
 FUSED_BF16_MIN_SPATIAL = 1024
+FUSED_SHORT_RUN = 256
 _FUSED_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -325,8 +328,11 @@ def _auto_prefers_fused(x: Tensor, variant: bool) -> bool:
     if x.dtype not in _FUSED_AUTO_DTYPES:
         return False
     nchw_bf16 = x.dtype == torch.bfloat16 and x.dim() > 2 and x.is_contiguous()  # (N, C, S)
-    if nchw_bf16 and x.numel() // (x.shape[0] * x.shape[1]) < FUSED_BF16_MIN_SPATIAL:
-        return False
+    if nchw_bf16:
+        spatial = x.numel() // (x.shape[0] * x.shape[1])
+        if spatial < FUSED_BF16_MIN_SPATIAL:
+            short_runs = host_function("short_runs")
+            return spatial < FUSED_SHORT_RUN and short_runs is not None and bool(short_runs())
     return fused_available()
 
 

@@ -70,6 +70,7 @@ FUNCTIONS = (
     "forward_eval",
     "stats",
     "invert_act",
+    "short_runs",
 )
 _STALE_BUILD_SECONDS = 3600.0
 _MODULE: Any = None  # the extension module, once imported in this process

@@ -552,11 +552,162 @@ inline Moments moments(double s, double q, double n) {
 template <typename A>
 inline A finite_or_zero(A v) { return std::isfinite(v) ? v : A(0); }
 
+// ---------- short NCS runs (planes of 7x7 to 15x15), fp32 and bf16 ----------
+// A channel's N runs of S < kShortRun values: the generic loops pay a vector remainder and,
+// for the sums, a horizontal reduction per run (more than the 3-4 vectors of a 7x7 plane).
+// These keep vector accumulators across a channel's runs and load the tail under a mask.
+constexpr int64_t kShortRun = 256;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+template <typename T>
+constexpr bool kShortRunsFast = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+inline __m512 load16m(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16m(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16m(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16m(c10::BFloat16* p, __mmask16 m, __m512 v) {  // round to nearest even
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline double hsum(__m512 v) { return static_cast<double>(_mm512_reduce_add_ps(v)); }
+
+// vexp for 16 lanes, the same steps (NaN passes: max/min return their second operand then)
+inline __m512 vexp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.37626f), x);
+  const __m512 big = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
+  const __m512 n = _mm512_sub_ps(big, _mm512_set1_ps(12582912.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(big), _mm512_set1_epi32(0x4B400000));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23)));
+}
+
+// act_fwd / act_grad for 16 lanes
+template <int ACT>
+inline __m512 act_fwd16(__m512 v, __m512 slope) {
+  if constexpr (ACT == kLeaky) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_mask_blend_ps(pos, _mm512_mul_ps(v, slope), v);
+  }
+  if constexpr (ACT == kSilu) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(v, _mm512_add_ps(one, vexp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+  }
+  return v;
+}
+
+template <int ACT>
+inline __m512 act_grad16(__m512 g, __m512 z, __m512 slope) {
+  if constexpr (ACT == kLeaky) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_mask_blend_ps(pos, _mm512_mul_ps(g, slope), g);
+  }
+  if constexpr (ACT == kSilu) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, vexp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+    return _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
+  }
+  return g;
+}
+
+// s, q of channel c over its N runs; float lanes flushed to double every ~256 values per lane
+template <typename T>
+inline void ncs_short_sums(const T* px, int64_t N, int64_t C, int64_t S, int64_t c, float shift, double& s,
+                           double& q) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  const int64_t flush = std::max<int64_t>(1, (16 * kChunk) / S);  // runs per float partial sum
+  for (int64_t i0 = 0; i0 < N; i0 += flush) {
+    __m512 vs = _mm512_setzero_ps(), vq = _mm512_setzero_ps();
+    for (int64_t i = i0; i < std::min(N, i0 + flush); ++i) {
+      const T* p = px + (i * C + c) * S;
+      for (int64_t k = 0; k < S; k += 16) {
+        const __mmask16 m = tail_mask(S - k);
+        const __m512 d = _mm512_maskz_sub_ps(m, load16m(p + k, m), sh);
+        vs = _mm512_add_ps(vs, d);
+        vq = _mm512_fmadd_ps(d, d, vq);
+      }
+    }
+    s += hsum(vs);
+    q += hsum(vq);
+  }
+}
+
+// a += sum(g), b += sum(g * (x - mean)) of channel c over its N runs, g = dy * f'(z)
+template <typename T, int ACT>
+inline void ncs_short_grad_sums(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, int64_t c, float mean,
+                                float scale, float beta, float slope, double& a, double& b) {
+  const __m512 mu = _mm512_set1_ps(mean), sc = _mm512_set1_ps(scale), be = _mm512_set1_ps(beta);
+  const __m512 sl = _mm512_set1_ps(slope);
+  const int64_t flush = std::max<int64_t>(1, (16 * kChunk) / S);
+  for (int64_t i0 = 0; i0 < N; i0 += flush) {
+    __m512 va = _mm512_setzero_ps(), vb = _mm512_setzero_ps();
+    for (int64_t i = i0; i < std::min(N, i0 + flush); ++i) {
+      const int64_t off = (i * C + c) * S;
+      for (int64_t k = 0; k < S; k += 16) {
+        const __mmask16 m = tail_mask(S - k);
+        const __m512 xc = _mm512_maskz_sub_ps(m, load16m(x + off + k, m), mu);
+        const __m512 g = act_grad16<ACT>(load16m(dy + off + k, m), _mm512_fmadd_ps(xc, sc, be), sl);
+        va = _mm512_add_ps(va, g);
+        vb = _mm512_fmadd_ps(g, xc, vb);
+      }
+    }
+    a += hsum(va);
+    b += hsum(vb);
+  }
+}
+
+// dx = k1 * g + k2 * (x - mean) + k3 over one run, the tail masked
+template <typename T, int ACT>
+inline void short_grad_input_run(const T* dy, const T* x, T* dx, int64_t len, float mean, float scale,
+                                 float beta, float slope, float k1, float k2, float k3) {
+  const __m512 mu = _mm512_set1_ps(mean), sc = _mm512_set1_ps(scale), be = _mm512_set1_ps(beta);
+  const __m512 sl = _mm512_set1_ps(slope), a1 = _mm512_set1_ps(k1), a2 = _mm512_set1_ps(k2), a3 = _mm512_set1_ps(k3);
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = tail_mask(len - k);
+    const __m512 xc = _mm512_sub_ps(load16m(x + k, m), mu);
+    const __m512 g = act_grad16<ACT>(load16m(dy + k, m), _mm512_fmadd_ps(xc, sc, be), sl);
+    store16m(dx + k, m, _mm512_fmadd_ps(a1, g, _mm512_fmadd_ps(a2, xc, a3)));
+  }
+}
+
+// y = act((x - shift) * scale + bias) over one run, the tail masked
+template <typename T, int ACT>
+inline void short_normalize_run(const T* x, T* y, int64_t len, float shift, float scale, float bias, float slope) {
+  const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale), b = _mm512_set1_ps(bias);
+  const __m512 sl = _mm512_set1_ps(slope);
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 m = tail_mask(len - k);
+    store16m(y + k, m, act_fwd16<ACT>(_mm512_fmadd_ps(_mm512_sub_ps(load16m(x + k, m), sh), sc, b), sl));
+  }
+}
+#else
+template <typename T>
+constexpr bool kShortRunsFast = false;
+#endif
+
 // NCS channel c: shifted sums over its N runs of S values, shift = its first value.
 template <typename T>
 inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t c, acc_t<T>& shift) {
   shift = finite_or_zero(load(px[c * S]));
   double s = 0, q = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+  if constexpr (kShortRunsFast<T>) {
+    if (S < kShortRun) {
+      ncs_short_sums<T>(px, N, C, S, c, shift, s, q);
+      return moments(s, q, static_cast<double>(N) * S);
+    }
+  }
+#endif
   for (int64_t i = 0; i < N; ++i) shifted_sums<T>(px + (i * C + c) * S, S, shift, s, q);
   return moments(s, q, static_cast<double>(N) * S);
 }
@@ -761,6 +912,14 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
             }
           }
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+          if constexpr (kShortRunsFast<T>) {
+            if (S < kShortRun) {
+              short_normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, scale, bias, float(slope));
+              continue;
+            }
+          }
+#endif
           normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, scale, bias, static_cast<A>(slope));
         }
       }
@@ -901,7 +1060,16 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
         const A mean = static_cast<A>(pm[j]);
         const A scale = static_cast<A>(gamma[c] * pi[j]);
         double a = 0, b = 0;
-        for (int64_t i = 0; i < N; ++i) {
+        bool summed = false;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+        if constexpr (kShortRunsFast<T>) {
+          if (S < kShortRun) {
+            ncs_short_grad_sums<T, ACT>(pg + base, px + base, N, C, S, c, mean, scale, float(beta[c]), sl, a, b);
+            summed = true;
+          }
+        }
+#endif
+        for (int64_t i = 0; i < N && !summed; ++i) {
           const int64_t off = base + (i * C + c) * S;
           grad_sums<T, ACT>(pg + off, px + off, S, mean, scale, beta[c], sl, a, b);
         }
@@ -919,6 +1087,14 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
             if (stream) {
               grad_input_stream<ACT == kLeaky>(pg + off, px + off, pd + off, S, &mean, &scale, &bb, &kk1, &k2, &k3, 0,
                                                sl);
+              continue;
+            }
+          }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+          if constexpr (kShortRunsFast<T>) {
+            if (S < kShortRun) {
+              short_grad_input_run<T, ACT>(pg + off, px + off, pd + off, S, mean, scale, float(beta[c]), sl, kk1, k2, k3);
               continue;
             }
           }
@@ -1071,10 +1247,19 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
         }
       }
 #endif
-      if (ncs)
-        normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], s[c], b[c], sl);
-      else
+      if (!ncs) {
         rows_normalize<T, ACT>(px, py, j, j + 1, C, m.data(), s.data(), b.data(), sl);
+        continue;
+      }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+      if constexpr (kShortRunsFast<T>) {
+        if (S < kShortRun) {
+          short_normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], s[c], b[c], float(slope));
+          continue;
+        }
+      }
+#endif
+      normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], s[c], b[c], sl);
     }
     if (stream) stream_fence();
   });
@@ -1367,6 +1552,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab's fused CPU batch norm (ops in torch.ops.normlab_fused; hot entry points here)";
   m.def("aten_train", &aten_train, "ATen's training batch norm with guarded running statistics");
   m.def("update_running", &update_running, "the running statistics' update after a fused training step");
+  m.def("short_runs", [] { return kShortRunsFast<c10::BFloat16>; },
+        "whether NCS planes under 256 values take the masked AVX-512 path (fp32 and bf16)");
   m.def("forward_train", &forward_train_py, "forward_train without torch.ops' boxing");
   m.def("backward_train", &backward_train_py, "backward_train without torch.ops' boxing");
   m.def("forward_eval", &forward_eval, "forward_eval without torch.ops' boxing");
