@@ -713,17 +713,16 @@ inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t
 }
 
 #if defined(__AVX512F__)
-// Short rows (C = 16·V channels, V <= 8: channels_last stages of 16-128 channels): the shifted
-// sums stay in registers across rows instead of a load and a store of each accumulator per row
-// (the generic loop ran at ~2.3-2.6x a read-only sum there, this one at ~1.1x). With V <= 2 two
-// sets for alternate rows, so that consecutive adds do not wait on each other. Float partial
-// sums over at most 64 rows are flushed into the double totals, as in rows_shifted_sums.
-template <typename T, int V>
-inline void rows_shifted_sums_short(const T* x, int64_t rows, const float* shift, double* s, double* q) {
+// Short rows (C = 16·V channels, V <= 8: channels_last stages of 16-128 channels): two
+// per-channel sums stay in registers across rows instead of a load and a store of each
+// accumulator per row (the generic loop ran at ~2.3-2.6x a read-only sum there, this one at
+// ~1.1x). With V <= 2 two sets for alternate rows, so that consecutive adds do not wait on each
+// other. Float partial sums over at most 64 rows are flushed into the double totals, as in
+// rows_shifted_sums. step(a, b, r, v) adds row r's vector v into the accumulators a and b.
+template <int V, typename Step>
+inline void rows_short_sums(int64_t rows, Step step, double* s, double* q) {
   constexpr int64_t C = 16 * V;
   constexpr int K = V <= 2 ? 2 : 1;  // accumulator sets
-  __m512 sh[V];
-  for (int v = 0; v < V; ++v) sh[v] = _mm512_loadu_ps(shift + 16 * v);
   alignas(64) float ts[C], tq[C];
   for (int64_t r0 = 0; r0 < rows; r0 += 64) {
     const int64_t r1 = std::min(rows, r0 + 64);
@@ -731,23 +730,11 @@ inline void rows_shifted_sums_short(const T* x, int64_t rows, const float* shift
     for (int k = 0; k < K; ++k)
       for (int v = 0; v < V; ++v) a[k][v] = b[k][v] = _mm512_setzero_ps();
     int64_t r = r0;
-    for (; r + K <= r1; r += K) {
-      for (int k = 0; k < K; ++k) {
-        const T* p = x + (r + k) * C;
-        for (int v = 0; v < V; ++v) {
-          const __m512 d = _mm512_sub_ps(load16(p + 16 * v), sh[v]);
-          a[k][v] = _mm512_add_ps(a[k][v], d);
-          b[k][v] = _mm512_fmadd_ps(d, d, b[k][v]);
-        }
-      }
-    }
-    for (; r < r1; ++r) {
-      for (int v = 0; v < V; ++v) {
-        const __m512 d = _mm512_sub_ps(load16(x + r * C + 16 * v), sh[v]);
-        a[0][v] = _mm512_add_ps(a[0][v], d);
-        b[0][v] = _mm512_fmadd_ps(d, d, b[0][v]);
-      }
-    }
+    for (; r + K <= r1; r += K)
+      for (int k = 0; k < K; ++k)
+        for (int v = 0; v < V; ++v) step(a[k][v], b[k][v], r + k, v);
+    for (; r < r1; ++r)
+      for (int v = 0; v < V; ++v) step(a[0][v], b[0][v], r, v);
     for (int v = 0; v < V; ++v) {
       for (int k = 1; k < K; ++k) {
         a[0][v] = _mm512_add_ps(a[0][v], a[k][v]);
@@ -763,76 +750,57 @@ inline void rows_shifted_sums_short(const T* x, int64_t rows, const float* shift
   }
 }
 
-// The backward's sums over short rows, plain batch norm: a += dy, b += dy·(x - mean), kept in
-// registers across rows like rows_shifted_sums_short.
+// The statistics: s += x - shift, q += (x - shift)^2
+template <typename T, int V>
+inline void rows_shifted_sums_short(const T* x, int64_t rows, const float* shift, double* s, double* q) {
+  __m512 sh[V];
+  for (int v = 0; v < V; ++v) sh[v] = _mm512_loadu_ps(shift + 16 * v);
+  rows_short_sums<V>(rows, [&](__m512& a, __m512& b, int64_t r, int v) {
+    const __m512 d = _mm512_sub_ps(load16(x + (r * V + v) * 16), sh[v]);
+    a = _mm512_add_ps(a, d);
+    b = _mm512_fmadd_ps(d, d, b);
+  }, s, q);
+}
+
+// The backward's sums, plain batch norm: a += dy, b += dy·(x - mean)
 template <typename T, int V>
 inline void rows_grad_sums_short(const T* dy, const T* x, int64_t rows, const float* mean, double* a, double* b) {
-  constexpr int64_t C = 16 * V;
-  constexpr int K = V <= 2 ? 2 : 1;
   __m512 mu[V];
   for (int v = 0; v < V; ++v) mu[v] = _mm512_loadu_ps(mean + 16 * v);
-  alignas(64) float ta[C], tb[C];
-  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-    const int64_t r1 = std::min(rows, r0 + 64);
-    __m512 sa[K][V], sb[K][V];
-    for (int k = 0; k < K; ++k)
-      for (int v = 0; v < V; ++v) sa[k][v] = sb[k][v] = _mm512_setzero_ps();
-    auto row = [&](int k, int64_t r) {
-      for (int v = 0; v < V; ++v) {
-        const __m512 g = load16(dy + r * C + 16 * v);
-        sa[k][v] = _mm512_add_ps(sa[k][v], g);
-        sb[k][v] = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + r * C + 16 * v), mu[v]), sb[k][v]);
-      }
-    };
-    int64_t r = r0;
-    for (; r + K <= r1; r += K)
-      for (int k = 0; k < K; ++k) row(k, r + k);
-    for (; r < r1; ++r) row(0, r);
-    for (int v = 0; v < V; ++v) {
-      for (int k = 1; k < K; ++k) {
-        sa[0][v] = _mm512_add_ps(sa[0][v], sa[k][v]);
-        sb[0][v] = _mm512_add_ps(sb[0][v], sb[k][v]);
-      }
-      _mm512_store_ps(ta + 16 * v, sa[0][v]);
-      _mm512_store_ps(tb + 16 * v, sb[0][v]);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] += ta[c];
-      b[c] += tb[c];
-    }
+  rows_short_sums<V>(rows, [&](__m512& sa, __m512& sb, int64_t r, int v) {
+    const int64_t i = (r * V + v) * 16;
+    const __m512 g = load16(dy + i);
+    sa = _mm512_add_ps(sa, g);
+    sb = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(x + i), mu[v]), sb);
+  }, a, b);
+}
+
+// Calls f(std::integral_constant<int, V>) for C = 16·V channels, V <= 8; false for other C.
+template <typename F>
+inline bool with_short_rows(int64_t C, F f) {
+  if (C % 16 != 0 || C < 16 || C > 128) return false;
+  switch (C / 16) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
+  return true;
 }
 
 template <typename T>
 inline bool rows_grad_sums_fast(const T* dy, const T* x, int64_t rows, int64_t C, const float* mean, double* a,
                                 double* b) {
-  switch (C) {
-    case 16: rows_grad_sums_short<T, 1>(dy, x, rows, mean, a, b); return true;
-    case 32: rows_grad_sums_short<T, 2>(dy, x, rows, mean, a, b); return true;
-    case 48: rows_grad_sums_short<T, 3>(dy, x, rows, mean, a, b); return true;
-    case 64: rows_grad_sums_short<T, 4>(dy, x, rows, mean, a, b); return true;
-    case 80: rows_grad_sums_short<T, 5>(dy, x, rows, mean, a, b); return true;
-    case 96: rows_grad_sums_short<T, 6>(dy, x, rows, mean, a, b); return true;
-    case 112: rows_grad_sums_short<T, 7>(dy, x, rows, mean, a, b); return true;
-    case 128: rows_grad_sums_short<T, 8>(dy, x, rows, mean, a, b); return true;
-    default: return false;
-  }
+  return with_short_rows(C, [&](auto v) { rows_grad_sums_short<T, decltype(v)::value>(dy, x, rows, mean, a, b); });
 }
 
-// rows_shifted_sums_short for C in {16, 32, ..., 128}; false (nothing done) for other C.
 template <typename T>
 inline bool rows_shifted_sums_fast(const T* x, int64_t rows, int64_t C, const float* shift, double* s, double* q) {
-  switch (C) {
-    case 16: rows_shifted_sums_short<T, 1>(x, rows, shift, s, q); return true;
-    case 32: rows_shifted_sums_short<T, 2>(x, rows, shift, s, q); return true;
-    case 48: rows_shifted_sums_short<T, 3>(x, rows, shift, s, q); return true;
-    case 64: rows_shifted_sums_short<T, 4>(x, rows, shift, s, q); return true;
-    case 80: rows_shifted_sums_short<T, 5>(x, rows, shift, s, q); return true;
-    case 96: rows_shifted_sums_short<T, 6>(x, rows, shift, s, q); return true;
-    case 112: rows_shifted_sums_short<T, 7>(x, rows, shift, s, q); return true;
-    case 128: rows_shifted_sums_short<T, 8>(x, rows, shift, s, q); return true;
-    default: return false;
-  }
+  return with_short_rows(C, [&](auto v) { rows_shifted_sums_short<T, decltype(v)::value>(x, rows, shift, s, q); });
 }
 #endif
 
@@ -1391,6 +1359,22 @@ void restore(Tensor& t, const std::vector<double>& from, const std::vector<bool>
     if (bad[c]) p[c] = static_cast<R>(from[c]);
 }
 
+// The step counter (absent: nullptr) and the momentum it implies: momentum < 0 is the
+// cumulative average 1/(count + 1), which needs the counter.
+int64_t* batch_counter(const std::optional<Tensor>& counter, double& momentum, const char* what) {
+  int64_t* count = nullptr;
+  if (counter && counter->defined()) {
+    TORCH_CHECK(counter->device().is_cpu() && counter->scalar_type() == at::kLong && counter->numel() == 1,
+                "normlab ", what, ": num_batches_tracked must be a CPU int64 scalar");
+    count = counter->data_ptr<int64_t>();
+  }
+  if (momentum < 0) {
+    TORCH_CHECK(count, "normlab ", what, ": momentum=None needs num_batches_tracked");
+    momentum = 1.0 / static_cast<double>(*count + 1);
+  }
+  return count;
+}
+
 std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, const std::optional<Tensor>& weight,
                                                        const std::optional<Tensor>& bias, Tensor running_mean,
                                                        Tensor running_var, const std::optional<Tensor>& counter,
@@ -1405,16 +1389,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, cons
   TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
                   running_mean.scalar_type() == running_var.scalar_type(),
               "normlab aten_train: running buffers must be contiguous and of one dtype");
-  int64_t* count = nullptr;
-  if (counter && counter->defined()) {
-    TORCH_CHECK(counter->device().is_cpu() && counter->scalar_type() == at::kLong && counter->numel() == 1,
-                "normlab aten_train: num_batches_tracked must be a CPU int64 scalar");
-    count = counter->data_ptr<int64_t>();
-  }
-  if (momentum < 0) {
-    TORCH_CHECK(count, "normlab aten_train: momentum=None needs num_batches_tracked");
-    momentum = 1.0 / static_cast<double>(*count + 1);
-  }
+  int64_t* count = batch_counter(counter, momentum, "aten_train");
   std::vector<double> old_mean, old_var;
   if (skip) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "normlab_backup", [&] {
@@ -1480,16 +1455,7 @@ int64_t update_running(Tensor running_mean, Tensor running_var, const std::optio
                   mean.numel() == C && var.numel() == C && mean.scalar_type() == var.scalar_type(),
               "normlab update_running: running buffers and batch statistics must be (C,) tensors of matching dtypes");
   TORCH_CHECK(policy >= 0 && policy <= 2, "normlab update_running: policy must be 0, 1 or 2");
-  int64_t* count = nullptr;
-  if (counter && counter->defined()) {
-    TORCH_CHECK(counter->device().is_cpu() && counter->scalar_type() == at::kLong && counter->numel() == 1,
-                "normlab update_running: num_batches_tracked must be a CPU int64 scalar");
-    count = counter->data_ptr<int64_t>();
-  }
-  if (momentum < 0) {
-    TORCH_CHECK(count, "normlab update_running: momentum=None needs num_batches_tracked");
-    momentum = 1.0 / static_cast<double>(*count + 1);
-  }
+  int64_t* count = batch_counter(counter, momentum, "update_running");
   const Tensor m = mean.scalar_type() == at::kDouble ? mean.contiguous() : mean.to(at::kFloat).contiguous();
   const Tensor v = var.to(m.scalar_type()).contiguous();
   int64_t n_bad = 0;
