@@ -491,3 +491,20 @@ def test_short_planes_match_float64(
     elif activation == "leaky_relu":
         zr = torch.nn.functional.leaky_relu(zr, 0.01)
     torch.testing.assert_close(z.double(), zr, **tol)
+
+
+def test_one_call_update_bumps_the_buffers_versions() -> None:
+    """The C++ update writes in place as torch's ``lerp_`` would: autograd sees it (a graph that
+    saved the running statistics then fails loudly instead of reading the new values)."""
+    m = nlnn.BatchNorm2d(3, backend="fused")
+    versions = (m.running_mean._version, m.running_var._version, m.num_batches_tracked._version)
+    m(torch.randn(4, 3, 5, 5))
+    after = (m.running_mean._version, m.running_var._version, m.num_batches_tracked._version)
+    assert all(b > a for a, b in zip(versions, after))
+    m.eval()
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = m(x)  # saves the running statistics for its backward
+    m.train()
+    m(torch.randn(4, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

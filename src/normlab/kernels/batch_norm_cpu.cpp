@@ -1467,7 +1467,15 @@ int64_t update_running(Tensor running_mean, Tensor running_var, const std::optio
     });
   });
   if (policy == 2 && n_bad) return n_bad;
-  if (count && (policy == 0 || n_bad < C)) *count += 1;
+  // in-place writes, so bump the versions as torch's own in-place update does: a backward that
+  // saved these tensors (an eval forward before this step) then fails loudly instead of reading
+  // the new values
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
+  if (count && (policy == 0 || n_bad < C)) {
+    *count += 1;
+    counter->unsafeGetTensorImpl()->bump_version();
+  }
   return n_bad;
 }
 
