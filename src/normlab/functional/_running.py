@@ -176,8 +176,9 @@ def update_running_on_host_(
         unbias,
         _POLICY[nonfinite],
     )
-    if bad and nonfinite != "propagate":
-        ok = torch.isfinite(mean) & torch.isfinite(var)
+    if bad and nonfinite != "propagate":  # the channels, judged in the buffers' dtype as in C++
+        dtype = running_mean.dtype
+        ok = torch.isfinite(mean.to(dtype)) & torch.isfinite((var * unbias).to(dtype))
         if nonfinite == "raise":
             _raise_nonfinite(owner, ok)
         _warn_skipped(owner, ok, stacklevel=5)

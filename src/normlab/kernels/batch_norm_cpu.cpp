@@ -1429,15 +1429,22 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> aten_train(const Tensor& input, cons
 // torch; 1 ("skip"): a channel whose batch mean or variance is NaN/Inf keeps its running values;
 // 2 ("raise"): nothing changes when any channel is non-finite (the caller raises). The counter
 // counts the batch when any channel moved. Returns how many channels are non-finite.
+// A channel is non-finite when its batch mean or variance·unbias is NaN/Inf in the buffers'
+// dtype: an fp16 buffer cannot hold a variance of 1e5, which would poison it as Inf.
+template <typename R>
+inline bool finite_as(double v) {
+  return std::isfinite(static_cast<double>(static_cast<R>(v)));
+}
+
 template <typename R, typename S>
 int64_t update_running_impl(R* rm, R* rv, const S* m, const S* v, int64_t C, double f, double k, int64_t policy) {
   int64_t n_bad = 0;
-  for (int64_t c = 0; c < C; ++c) n_bad += !(std::isfinite(m[c]) && std::isfinite(v[c]));
+  for (int64_t c = 0; c < C; ++c) n_bad += !(finite_as<R>(m[c]) && finite_as<R>(static_cast<double>(v[c]) * k));
   if (policy == 2 && n_bad) return n_bad;
   const double g = 1.0 - f;
   for (int64_t c = 0; c < C; ++c) {
     const double mc = static_cast<double>(m[c]), vc = static_cast<double>(v[c]) * k;
-    if (policy != 0 && n_bad && !(std::isfinite(mc) && std::isfinite(static_cast<double>(v[c])))) continue;
+    if (policy != 0 && n_bad && !(finite_as<R>(mc) && finite_as<R>(vc))) continue;
     rm[c] = static_cast<R>(f == 1.0 ? mc : g * static_cast<double>(rm[c]) + f * mc);
     rv[c] = static_cast<R>(f == 1.0 ? vc : g * static_cast<double>(rv[c]) + f * vc);
   }
