@@ -231,3 +231,18 @@ def test_run_on_cuda_without_cuda_exits_2_before_any_work(tmp_path: Path) -> Non
     assert result.exit_code == 2
     assert "--device cuda: no CUDA device is available to torch here" in result.output
     assert not any(out.iterdir())  # nothing trained, nothing claimed
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-tune-allocator"]], ids=["default", "off"])
+def test_lab_run_tunes_the_allocator_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str]
+) -> None:
+    import normlab.perf
+
+    calls: list[int] = []
+    monkeypatch.setattr(normlab.perf, "tune_cpu_allocator", lambda: calls.append(1))
+    monkeypatch.setitem(REGISTRY, "silent", _Silent())
+    args = ["lab", "run", "silent", "--dataset", "synthetic", "--out", str(tmp_path), *flag]
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == ([] if flag else [1])

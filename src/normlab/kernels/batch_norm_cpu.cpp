@@ -558,6 +558,11 @@ inline A finite_or_zero(A v) { return std::isfinite(v) ? v : A(0); }
 // These keep vector accumulators across a channel's runs and load the tail under a mask.
 constexpr int64_t kShortRun = 256;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define NORMLAB_SHORT_RUNS 1  // the masked short-run paths below are compiled
+#else
+#define NORMLAB_SHORT_RUNS 0
+#endif
+#if NORMLAB_SHORT_RUNS
 template <typename T>
 constexpr bool kShortRunsFast = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
@@ -700,7 +705,7 @@ template <typename T>
 inline Moments ncs_moments(const T* px, int64_t N, int64_t C, int64_t S, int64_t c, acc_t<T>& shift) {
   shift = finite_or_zero(load(px[c * S]));
   double s = 0, q = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if NORMLAB_SHORT_RUNS
   if constexpr (kShortRunsFast<T>) {
     if (S < kShortRun) {
       ncs_short_sums<T>(px, N, C, S, c, shift, s, q);
@@ -880,7 +885,7 @@ void forward_train_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::
             }
           }
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if NORMLAB_SHORT_RUNS
           if constexpr (kShortRunsFast<T>) {
             if (S < kShortRun) {
               short_normalize_run<T, ACT>(pxg + off, pyg + off, S, shift, scale, bias, float(slope));
@@ -1029,7 +1034,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
         const A scale = static_cast<A>(gamma[c] * pi[j]);
         double a = 0, b = 0;
         bool summed = false;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if NORMLAB_SHORT_RUNS
         if constexpr (kShortRunsFast<T>) {
           if (S < kShortRun) {
             ncs_short_grad_sums<T, ACT>(pg + base, px + base, N, C, S, c, mean, scale, float(beta[c]), sl, a, b);
@@ -1059,7 +1064,7 @@ void backward_train_impl(const Tensor& dy, const Tensor& x, const Shape& sh, con
             }
           }
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if NORMLAB_SHORT_RUNS
           if constexpr (kShortRunsFast<T>) {
             if (S < kShortRun) {
               short_grad_input_run<T, ACT>(pg + off, px + off, pd + off, S, mean, scale, float(beta[c]), sl, kk1, k2, k3);
@@ -1219,7 +1224,7 @@ void forward_eval_impl(const Tensor& x, const Shape& sh, Tensor& y, const std::v
         rows_normalize<T, ACT>(px, py, j, j + 1, C, m.data(), s.data(), b.data(), sl);
         continue;
       }
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if NORMLAB_SHORT_RUNS
       if constexpr (kShortRunsFast<T>) {
         if (S < kShortRun) {
           short_normalize_run<T, ACT>(px + j * len, py + j * len, len, m[c], s[c], b[c], float(slope));
